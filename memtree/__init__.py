@@ -1,0 +1,76 @@
+"""memtree: a durable job queue in your application's own SQL database.
+
+Enqueue in the same transaction as your domain writes, claim under leases fenced to
+their claim, settle exactly once. SQLite by default, PostgreSQL to scale.
+"""
+
+from memtree.engine import create_engine
+from memtree.errors import (
+    ConfigurationError,
+    CorruptJobError,
+    DatabaseError,
+    InvalidJobError,
+    MemtreeError,
+    SchemaError,
+    SchemaMissingError,
+    SchemaNewerError,
+    SchemaOutdatedError,
+    UnsupportedDatabaseError,
+)
+from memtree.models import MemTreeJob
+from memtree.queue import Queue, enqueue, enqueue_async, enqueue_many, mark_done, wall_clock_ms
+from memtree.types import (
+    DEFAULT_CLAIM_ORDER,
+    DEFAULT_LOCK_DURATION_MS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DEFER_AGE_MS,
+    RETIRED_JOB_KINDS,
+    RETRY_BASE_MS,
+    RETRY_CAP_MS,
+    FailureClass,
+    Job,
+    JobFailure,
+    JobKind,
+    JobStatus,
+    NewJob,
+    backoff_ms,
+    is_retired_kind,
+)
+
+__all__ = [
+    "DEFAULT_CLAIM_ORDER",
+    "DEFAULT_LOCK_DURATION_MS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_DEFER_AGE_MS",
+    "RETIRED_JOB_KINDS",
+    "RETRY_BASE_MS",
+    "RETRY_CAP_MS",
+    "ConfigurationError",
+    "CorruptJobError",
+    "DatabaseError",
+    "FailureClass",
+    "InvalidJobError",
+    "Job",
+    "JobFailure",
+    "JobKind",
+    "JobStatus",
+    "MemTreeJob",
+    "MemtreeError",
+    "NewJob",
+    "Queue",
+    "SchemaError",
+    "SchemaMissingError",
+    "SchemaNewerError",
+    "SchemaOutdatedError",
+    "UnsupportedDatabaseError",
+    "backoff_ms",
+    "create_engine",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_many",
+    "is_retired_kind",
+    "mark_done",
+    "wall_clock_ms",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""Alembic, driven from memtree: upgrade, downgrade, adoption of the original's table, checks.
+
+memtree owns an Alembic environment (``memtree.migrations``) with its own version
+table, ``memtree_alembic_version``. ``upgrade`` first *adopts* a database that the
+original crate made (``CREATE TABLE IF NOT EXISTS`` and no version table): it stamps
+the revision matching the table's layout and upgrades from there, so rows are kept.
+
+Host applications can instead pull memtree's revisions into their own history with
+:func:`version_location` and the ``memtree`` branch label (see ``docs/migrations.md``);
+:func:`schema_revision` then finds memtree's revision in the host's version table.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, column, inspect, select, text
+from sqlalchemy import table as table_clause
+
+from memtree.errors import SchemaError
+from memtree.models import TABLE_NAME
+
+__all__ = [
+    "BRANCH_LABEL",
+    "VERSION_TABLE",
+    "alembic_config",
+    "check",
+    "current",
+    "downgrade",
+    "head_revision",
+    "include_object",
+    "known_revisions",
+    "offline_sql",
+    "schema_revision",
+    "script_location",
+    "upgrade",
+    "version_location",
+]
+
+VERSION_TABLE = "memtree_alembic_version"
+BRANCH_LABEL = "memtree"
+HOST_VERSION_TABLE = "alembic_version"
+# Any constant works; it only has to be the same in every memtree process.
+_PG_MIGRATION_LOCK = 0x6D656D74  # "memt"
+
+
+def script_location() -> Path:
+    """The directory of memtree's Alembic environment, installed or in a checkout."""
+    try:
+        location = Path(str(resources.files("memtree.migrations")))
+    except ModuleNotFoundError:  # a source checkout that was not installed
+        location = Path(__file__).resolve().parent.parent / "migrations"
+    if not (location / "env.py").is_file():
+        raise SchemaError(f"memtree's migrations are missing from {location}")
+    return location
+
+
+def version_location() -> str:
+    """The directory of memtree's revisions, for a host's ``version_locations``."""
+    return str(script_location() / "versions")
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """An Alembic ``include_object`` hook that keeps only memtree's table.
+
+    memtree's environment uses it so the host's tables are never drift; a host's own
+    environment can use the opposite (``not include_object(...)``) to leave memtree's
+    table to memtree.
+    """
+    if type_ == "table":
+        return name == TABLE_NAME
+    table = getattr(obj, "table", None)
+    if table is not None:
+        return bool(table.name == TABLE_NAME)
+    return True
+
+
+def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """An Alembic ``Config`` for memtree's environment, bound to a URL or an open connection."""
+    config = Config(stdout=io.StringIO())
+    config.set_main_option("script_location", str(script_location()))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    head = _script().get_current_head()
+    assert head is not None
+    return head
+
+
+def known_revisions() -> set[str]:
+    return {rev.revision for rev in _script().walk_revisions()}
+
+
+@contextmanager
+def _migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction for the whole migration, serialised between processes."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        yield conn
+
+
+def _adopt(conn: Connection, config: Config) -> str | None:
+    """Stamp the revision an unversioned original table matches; None when nothing to adopt."""
+    inspector = inspect(conn)
+    if inspector.has_table(VERSION_TABLE) or not inspector.has_table(TABLE_NAME):
+        return None
+    columns = {column["name"] for column in inspector.get_columns(TABLE_NAME)}
+    if "lease_token" in columns:
+        raise SchemaError(
+            f"{TABLE_NAME} has memtree's own columns but no {VERSION_TABLE} table: if your "
+            "application's Alembic history holds memtree's revisions, upgrade through it"
+        )
+    revision = "memtree_0002" if {"failure_reason", "failure_class"} <= columns else "memtree_0001"
+    command.stamp(config, revision)
+    return revision
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Bring the database to ``revision``, adopting an original table first.
+
+    Returns the revision an original table was adopted at, or None.
+    """
+    with _migration_transaction(engine) as conn:
+        config = alembic_config(connection=conn)
+        adopted = _adopt(conn, config)
+        command.upgrade(config, revision)
+        return adopted
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Step the schema down to ``revision`` (``base`` drops the table)."""
+    with _migration_transaction(engine) as conn:
+        command.downgrade(alembic_config(connection=conn), revision)
+
+
+def current(engine: Engine) -> str | None:
+    """The revision in memtree's own version table, or None."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(
+            conn, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision()
+
+
+def schema_revision(conn: Connection) -> str | None:
+    """memtree's revision in this database: its own version table, else the host's history."""
+    inspector = inspect(conn)
+    known = known_revisions()
+    for table in (VERSION_TABLE, HOST_VERSION_TABLE):
+        if not inspector.has_table(table):
+            continue
+        version_num = column("version_num")
+        rows = conn.execute(select(version_num).select_from(table_clause(table))).scalars().all()
+        mine = [row for row in rows if row in known or row.startswith("memtree_")]
+        if mine:
+            return str(mine[0])
+    return None
+
+
+def check(engine: Engine) -> None:
+    """Raise ``alembic.util.CommandError`` if the database differs from the models."""
+    with engine.connect() as conn:
+        command.check(alembic_config(connection=conn))
+
+
+def offline_sql(url: str, revision: str = "head", start: str | None = None) -> str:
+    """The DDL of an upgrade as SQL text, for DBAs who apply it by hand."""
+    config = alembic_config(url=url)
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    command.upgrade(config, f"{start}:{revision}" if start else revision, sql=True)
+    return buffer.getvalue()

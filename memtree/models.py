@@ -1,0 +1,88 @@
+"""The declarative model of ``mem_tree_jobs``: the original crate's table, plus memtree's lease token.
+
+The columns, types, defaults and index names are the original's, so a database made
+by the Rust crate and one made by ``memtree db upgrade`` are the same table. Times
+are epoch milliseconds in signed 64-bit columns (``INTEGER`` on SQLite, as the
+original declares them; ``BIGINT`` on PostgreSQL).
+
+This module only describes the table: Alembic revisions in ``migrations/`` create
+it, and ``tests/test_migrations.py`` checks that the two never drift apart.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Index, Integer, MetaData, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["TABLE_NAME", "Base", "MemTreeJob", "jobs"]
+
+TABLE_NAME = "mem_tree_jobs"
+
+#: Stable names for anything the table does not name itself, on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# The original's SQLite DDL says INTEGER; 64-bit on PostgreSQL.
+Millis = BigInteger().with_variant(Integer(), "sqlite")
+
+#: The partial index predicate that defines "active" for dedupe keys. Kept as literal
+#: SQL so ON CONFLICT can infer the index even from a prepared statement.
+ACTIVE_DEDUPE_PREDICATE = "dedupe_key IS NOT NULL AND status IN ('ready', 'running')"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class MemTreeJob(Base):
+    """One job. See ``docs/states.md`` for the status diagram and who moves a row."""
+
+    __tablename__ = TABLE_NAME
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    payload_json: Mapped[str] = mapped_column(Text, nullable=False)
+    dedupe_key: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'ready'"))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("5"))
+    available_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+    locked_until_ms: Mapped[int | None] = mapped_column(Millis)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+    started_at_ms: Mapped[int | None] = mapped_column(Millis)
+    completed_at_ms: Mapped[int | None] = mapped_column(Millis)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    failure_class: Mapped[str | None] = mapped_column(Text)
+    # memtree's own: a fresh token per claim, so a settle can tell this claim from any
+    # other claim of the same row. NULL on rows the original wrote or claimed.
+    lease_token: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("idx_mem_tree_jobs_ready", "status", "available_at_ms"),
+        Index("idx_mem_tree_jobs_kind", "kind"),
+        Index(
+            "idx_mem_tree_jobs_dedupe_active",
+            "dedupe_key",
+            unique=True,
+            sqlite_where=text(ACTIVE_DEDUPE_PREDICATE),
+            postgresql_where=text(ACTIVE_DEDUPE_PREDICATE),
+        ),
+        # Claims walk ready rows of one kind in due order, so neither a large done
+        # history nor a deep backlog of other kinds is read or sorted.
+        Index(
+            "ix_mem_tree_jobs_claim",
+            "kind",
+            "available_at_ms",
+            sqlite_where=text("status = 'ready'"),
+            postgresql_where=text("status = 'ready'"),
+        ),
+    )
+
+
+jobs = MemTreeJob.__table__

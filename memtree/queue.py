@@ -1,0 +1,365 @@
+"""The public face: :class:`Queue`, bound to an engine, and free functions for the caller's
+own transaction.
+
+Every ``Queue`` method runs in a transaction of its own. The free functions
+(:func:`enqueue`, :func:`enqueue_many`, :func:`mark_done`, :func:`enqueue_async`) do
+the same work inside a ``Session`` or ``Connection`` the caller already has open and
+never commit, so a job is enqueued, or a job settled, atomically with the caller's
+own writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING
+from sqlalchemy import URL, Connection, Engine
+
+from memtree import migration, settle, store
+from memtree.dialects import dialect_for
+from memtree.engine import create_engine
+from memtree.errors import (
+    ConfigurationError,
+    SchemaMissingError,
+    SchemaNewerError,
+    SchemaOutdatedError,
+)
+from memtree.store import Executor
+from memtree.types import (
+    DEFAULT_CLAIM_ORDER,
+    DEFAULT_LOCK_DURATION_MS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DEFER_AGE_MS,
+    RETRY_BASE_MS,
+    RETRY_CAP_MS,
+    Job,
+    JobFailure,
+    JobStatus,
+    NewJob,
+    check_kind,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+__all__ = [
+    "Clock",
+    "Queue",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_many",
+    "mark_done",
+    "wall_clock_ms",
+]
+
+#: A zero-argument callable returning epoch milliseconds.
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{name} must be an int, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value}")
+    return value
+
+
+def _lease(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"lock_duration_ms must be an int, not {value!r}")
+    return value
+
+
+def _kinds(kinds: Iterable[str] | None) -> tuple[str, ...] | None:
+    if kinds is None:
+        return None
+    if isinstance(kinds, str):
+        raise ConfigurationError("kinds must be a collection of kind strings, not one string")
+    return tuple(kinds)
+
+
+class Queue:
+    """A job queue in the database behind ``bind`` (an ``Engine`` or a database URL).
+
+    Settings are validated here, when the queue is built:
+
+    - ``clock``: returns epoch milliseconds; the wall clock by default.
+    - ``lock_duration_ms``: the lease of a claim unless the claim names its own.
+    - ``retry_base_ms`` / ``retry_cap_ms``: exponential retry backoff.
+    - ``max_defer_age_ms``: a job deferred past this age since creation fails.
+    - ``claim_order``: kinds claimed before all others, in order.
+    - ``max_attempts``: attempts of a job whose ``NewJob`` does not say.
+    - ``verify_schema``: check the schema revision before the first operation.
+    """
+
+    def __init__(
+        self,
+        bind: Engine | str | URL,
+        *,
+        clock: Clock | None = None,
+        lock_duration_ms: int = DEFAULT_LOCK_DURATION_MS,
+        retry_base_ms: int = RETRY_BASE_MS,
+        retry_cap_ms: int = RETRY_CAP_MS,
+        max_defer_age_ms: int = DEFAULT_MAX_DEFER_AGE_MS,
+        claim_order: Sequence[str] = DEFAULT_CLAIM_ORDER,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        verify_schema: bool = True,
+    ) -> None:
+        if clock is not None and not callable(clock):
+            raise ConfigurationError("clock must be a zero-argument callable returning epoch ms")
+        self.lock_duration_ms = _positive_int("lock_duration_ms", lock_duration_ms)
+        self.retry_base_ms = _positive_int("retry_base_ms", retry_base_ms)
+        self.retry_cap_ms = _positive_int("retry_cap_ms", retry_cap_ms)
+        if self.retry_cap_ms < self.retry_base_ms:
+            raise ConfigurationError("retry_cap_ms must be at least retry_base_ms")
+        self.max_defer_age_ms = _positive_int("max_defer_age_ms", max_defer_age_ms)
+        self.max_attempts = _positive_int("max_attempts", max_attempts)
+        if isinstance(claim_order, str):
+            raise ConfigurationError("claim_order must be a sequence of kinds, not one string")
+        try:
+            self.claim_order = tuple(check_kind(kind) for kind in claim_order)
+        except ValueError as exc:
+            raise ConfigurationError(f"claim_order: {exc}") from None
+        if len(set(self.claim_order)) != len(self.claim_order):
+            raise ConfigurationError("claim_order names a kind twice")
+        self._clock: Clock = clock or wall_clock_ms
+        if isinstance(bind, Engine):
+            self.engine = bind
+            self._owns_engine = False
+        elif isinstance(bind, str | URL):
+            self.engine = create_engine(bind)
+            self._owns_engine = True
+        else:
+            raise ConfigurationError(f"bind must be an Engine or a database URL, not {bind!r}")
+        self._verify_schema = verify_schema
+        self._schema_ok = not verify_schema
+        self.dialect = dialect_for(self.engine.dialect.name)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Dispose of the engine if the queue made it from a URL."""
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Queue({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def now_ms(self) -> int:
+        return int(self._clock())
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a fresh transaction, schema checked, driver errors translated."""
+        with store.translate_errors(), self.engine.begin() as conn:
+            if not self._schema_ok:
+                self._check_schema(conn)
+            yield conn
+
+    def _check_schema(self, conn: Connection) -> None:
+        revision = migration.schema_revision(conn)
+        head = migration.head_revision()
+        if revision is None:
+            from sqlalchemy import inspect
+
+            if inspect(conn).has_table("mem_tree_jobs"):
+                raise SchemaOutdatedError("the original's unversioned table", head)
+            raise SchemaMissingError()
+        if revision != head:
+            if revision in migration.known_revisions():
+                raise SchemaOutdatedError(revision, head)
+            raise SchemaNewerError(revision)
+        self._schema_ok = True
+
+    # -- schema ------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the database to memtree's newest revision, adopting an original table."""
+        with store.translate_errors():
+            migration.upgrade(self.engine)
+        self._schema_ok = not self._verify_schema or self._schema_ok
+
+    # -- enqueue -----------------------------------------------------------------------
+
+    def enqueue(self, job: NewJob) -> str | None:
+        """Insert one job; its id, or None when its dedupe key is active."""
+        with self.transaction() as conn:
+            return store.enqueue(
+                conn, job, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
+            )
+
+    def enqueue_many(self, jobs: Iterable[NewJob]) -> list[str | None]:
+        """Insert many jobs in one transaction; None where dedupe suppressed one."""
+        batch = list(jobs)
+        with self.transaction() as conn:
+            return store.enqueue_many(
+                conn, batch, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
+            )
+
+    # -- claim -------------------------------------------------------------------------
+
+    def claim_next(
+        self, lock_duration_ms: int | None = None, kinds: Iterable[str] | None = None
+    ) -> Job | None:
+        """Lease the next due job, or None."""
+        claimed = self.claim_batch(1, lock_duration_ms, kinds)
+        return claimed[0] if claimed else None
+
+    def claim_batch(
+        self,
+        limit: int,
+        lock_duration_ms: int | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> list[Job]:
+        """Lease up to ``limit`` due jobs of ``kinds`` (all kinds by default)."""
+        limit = _positive_int("limit", limit, allow_zero=True)
+        lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
+        wanted = _kinds(kinds)
+        with self.transaction() as conn:
+            return store.claim(
+                conn,
+                now_ms=self.now_ms(),
+                limit=limit,
+                lock_duration_ms=lease,
+                claim_order=self.claim_order,
+                kinds=wanted,
+            )
+
+    # -- settle ------------------------------------------------------------------------
+
+    def mark_done(self, job: Job, followups: Sequence[NewJob] = ()) -> bool:
+        """``done``, with ``followups`` enqueued atomically; False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_done(
+                conn, job, followups, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
+            )
+
+    def mark_failed(
+        self, job: Job, error: object, failure: JobFailure | BaseException | None = None
+    ) -> bool:
+        """Retry with backoff or fail for good; False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_failed(
+                conn,
+                job,
+                error,
+                failure,
+                now_ms=self.now_ms(),
+                retry_base_ms=self.retry_base_ms,
+                retry_cap_ms=self.retry_cap_ms,
+            )
+
+    def mark_deferred(self, job: Job, until_ms: int, reason: str) -> bool:
+        """Back to ``ready`` at ``until_ms``, attempt given back; False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_deferred(
+                conn,
+                job,
+                until_ms,
+                reason,
+                now_ms=self.now_ms(),
+                max_defer_age_ms=self.max_defer_age_ms,
+            )
+
+    def extend_lease(self, job: Job, lock_duration_ms: int | None = None) -> bool:
+        """Heartbeat: push the job's lease forward; False if it was lost."""
+        lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
+        with self.transaction() as conn:
+            return settle.extend_lease(conn, job, now_ms=self.now_ms(), lock_duration_ms=lease)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def recover_stale_locks(self) -> int:
+        with self.transaction() as conn:
+            return settle.recover_stale_locks(conn, now_ms=self.now_ms())
+
+    def release_running_locks(self, held: Sequence[Job] | None = None) -> int:
+        with self.transaction() as conn:
+            return settle.release_running_locks(conn, held)
+
+    def requeue_failed(self) -> int:
+        with self.transaction() as conn:
+            return settle.requeue_failed(conn, now_ms=self.now_ms())
+
+    def requeue_transient_failed(self) -> int:
+        with self.transaction() as conn:
+            return settle.requeue_transient_failed(conn, now_ms=self.now_ms())
+
+    def purge_retired_jobs(self) -> int:
+        with self.transaction() as conn:
+            return store.purge_retired_jobs(conn)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def count_by_status(self, status: JobStatus | str) -> int:
+        with self.transaction() as conn:
+            return store.count_by_status(conn, JobStatus(status))
+
+    def count_failed_unrecoverable(self) -> int:
+        with self.transaction() as conn:
+            return store.count_failed_unrecoverable(conn)
+
+    def count_total(self) -> int:
+        with self.transaction() as conn:
+            return store.count_total(conn)
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.transaction() as conn:
+            return store.get_job(conn, job_id)
+
+
+# -- the caller's transaction -----------------------------------------------------------
+
+
+def enqueue(executor: Executor, job: NewJob, *, now_ms: int | None = None) -> str | None:
+    """Enqueue inside the caller's ``Session`` or ``Connection``; commits with it, or never."""
+    with store.translate_errors():
+        return store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
+
+
+def enqueue_many(
+    executor: Executor, jobs: Iterable[NewJob], *, now_ms: int | None = None
+) -> list[str | None]:
+    """:func:`enqueue` for many jobs, with the same per-position dedupe result as the queue's."""
+    with store.translate_errors():
+        return store.enqueue_many(
+            executor, list(jobs), now_ms=wall_clock_ms() if now_ms is None else now_ms
+        )
+
+
+def mark_done(
+    executor: Executor, job: Job, followups: Sequence[NewJob] = (), *, now_ms: int | None = None
+) -> bool:
+    """Settle ``done`` inside the caller's transaction, so its writes and the completion
+    commit together; False (and nothing enqueued) when the lease was lost."""
+    with store.translate_errors():
+        return settle.mark_done(
+            executor, job, followups, now_ms=wall_clock_ms() if now_ms is None else now_ms
+        )
+
+
+async def enqueue_async(
+    executor: AsyncSession | AsyncConnection, job: NewJob, *, now_ms: int | None = None
+) -> str | None:
+    """Enqueue inside the caller's ``AsyncSession`` or ``AsyncConnection``."""
+    with store.translate_errors():
+        return await store.enqueue_async(
+            executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms
+        )

@@ -1,0 +1,372 @@
+"""Every state change after a claim: settle, recover, release, requeue.
+
+Each settle is *guarded*: its WHERE clause names the row, ``status = 'running'`` and
+the exact claim the :class:`Job` came from (its ``lease_token``, ``attempts`` and
+``started_at_ms``), and it reports whether it matched. A worker whose lease was
+recovered, re-claimed, or deferred and re-claimed (even within one millisecond)
+therefore changes nothing and gets ``False``. Jobs claimed by the original crate
+carry no token; they are fenced by ``attempts`` and ``started_at_ms`` as it did.
+
+Like :mod:`memtree.store`, these functions run on the caller's ``Connection`` or
+``Session`` and never commit. See ``docs/states.md`` for the diagram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Update,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+
+from memtree import store
+from memtree.models import jobs
+from memtree.store import FAILED, READY, RUNNING, Executor
+from memtree.types import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DEFER_AGE_MS,
+    RETRY_BASE_MS,
+    RETRY_CAP_MS,
+    FailureClass,
+    Job,
+    JobFailure,
+    NewJob,
+    backoff_ms,
+    check_ms,
+    find_failure,
+)
+
+__all__ = [
+    "error_text",
+    "extend_lease",
+    "mark_deferred",
+    "mark_done",
+    "mark_failed",
+    "recover_stale_locks",
+    "release_running_locks",
+    "requeue_failed",
+    "requeue_transient_failed",
+]
+
+NULL = literal_column("NULL")
+DONE = literal_column("'done'")
+UNRECOVERABLE = literal_column("'unrecoverable'")
+TRANSIENT = literal_column("'transient'")
+
+# Attempts at a requeue that lost a race for a dedupe key on PostgreSQL; each retry
+# sees the winner and leaves that key alone, so a second attempt already succeeds.
+_REQUEUE_RETRIES = 5
+
+
+def _fenced(values: dict[str, Any]) -> Update:
+    """An UPDATE of the one row still running under the claim in the ``f_*`` parameters."""
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("f_id"))
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.lease_token.is_not_distinct_from(bindparam("f_token")))
+        .where(jobs.c.attempts == bindparam("f_attempts"))
+        .where(jobs.c.started_at_ms.is_not_distinct_from(bindparam("f_started")))
+        .values(values)
+    )
+
+
+def _fence_params(job: Job) -> dict[str, Any]:
+    return {
+        "f_id": job.id,
+        "f_token": job.lease_token,
+        "f_attempts": job.attempts,
+        "f_started": job.started_at_ms,
+    }
+
+
+@lru_cache(maxsize=None)
+def _statements() -> dict[str, Update]:
+    aged_out = jobs.c.created_at_ms <= bindparam("oldest")
+    exhausted = jobs.c.attempts >= jobs.c.max_attempts
+    return {
+        "done": _fenced(
+            {
+                "status": DONE,
+                "completed_at_ms": bindparam("now"),
+                "locked_until_ms": NULL,
+                "last_error": NULL,
+            }
+        ),
+        "failed": _fenced(
+            {
+                "status": FAILED,
+                "completed_at_ms": bindparam("now"),
+                "locked_until_ms": NULL,
+                "last_error": bindparam("error"),
+                "failure_reason": bindparam("reason"),
+                "failure_class": bindparam("class"),
+            }
+        ),
+        "retry": _fenced(
+            {
+                "status": READY,
+                "available_at_ms": bindparam("next_at"),
+                "locked_until_ms": NULL,
+                "last_error": bindparam("error"),
+                "failure_reason": NULL,
+                "failure_class": NULL,
+                "lease_token": NULL,
+            }
+        ),
+        "deferred": _fenced(
+            {
+                "status": case((aged_out, FAILED), else_=READY),
+                "attempts": bindparam("pre_claim_attempts"),
+                "available_at_ms": bindparam("until"),
+                "locked_until_ms": NULL,
+                "started_at_ms": NULL,
+                "completed_at_ms": case((aged_out, bindparam("now")), else_=NULL),
+                "last_error": bindparam("reason"),
+                "failure_reason": case(
+                    (aged_out, literal_column("'defer_age_exceeded'")), else_=NULL
+                ),
+                "failure_class": case((aged_out, UNRECOVERABLE), else_=NULL),
+                "lease_token": NULL,
+            }
+        ),
+        "extend": _fenced({"locked_until_ms": bindparam("until")}),
+        "recover": update(jobs)
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.locked_until_ms.is_not(None))
+        .where(jobs.c.locked_until_ms < bindparam("now"))
+        .values(
+            status=case((exhausted, FAILED), else_=READY),
+            last_error=func.coalesce(
+                jobs.c.last_error,
+                case(
+                    (exhausted, literal_column("'stale_lock_exhausted'")),
+                    else_=literal_column("'recovered_from_stale_lock'"),
+                ),
+            ),
+            completed_at_ms=case((exhausted, bindparam("now")), else_=NULL),
+            failure_reason=case((exhausted, literal_column("'stale_lock_exhausted'")), else_=NULL),
+            failure_class=case((exhausted, TRANSIENT), else_=NULL),
+            locked_until_ms=NULL,
+            lease_token=NULL,
+        ),
+    }
+
+
+def _settled(executor: Executor, name: str, job: Job, params: dict[str, Any]) -> bool:
+    result = executor.execute(_statements()[name], {**_fence_params(job), **params})
+    return bool(result.rowcount == 1)
+
+
+def error_text(error: object) -> str:
+    """The full text stored in ``last_error``: the message, or every link of an exception chain."""
+    if not isinstance(error, BaseException):
+        return str(error)
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = str(current)
+        parts.append(f"{type(current).__name__}: {message}" if message else type(current).__name__)
+        current = current.__cause__ if current.__cause__ is not None else current.__context__
+    return "; caused by ".join(parts)
+
+
+def mark_done(
+    executor: Executor,
+    job: Job,
+    followups: Sequence[NewJob] = (),
+    *,
+    now_ms: int,
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> bool:
+    """Settle ``done`` and enqueue ``followups``, only if the caller still holds the lease."""
+    if not _settled(executor, "done", job, {"now": now_ms}):
+        return False
+    if followups:
+        store.enqueue_many(
+            executor, list(followups), now_ms=now_ms, default_max_attempts=default_max_attempts
+        )
+    return True
+
+
+def mark_failed(
+    executor: Executor,
+    job: Job,
+    error: object,
+    failure: JobFailure | BaseException | None = None,
+    *,
+    now_ms: int,
+    retry_base_ms: int = RETRY_BASE_MS,
+    retry_cap_ms: int = RETRY_CAP_MS,
+) -> bool:
+    """Retry with backoff, or fail for good when attempts are spent or the failure is unrecoverable.
+
+    The failure class comes from ``failure``, else from ``error``, else from anywhere in
+    either's cause/context chain. ``last_error`` keeps the full text.
+    """
+    typed = find_failure(failure) or find_failure(error)
+    text = error_text(error)
+    if job.attempts >= job.max_attempts or (typed is not None and typed.is_unrecoverable):
+        return _settled(
+            executor,
+            "failed",
+            job,
+            {
+                "now": now_ms,
+                "error": text,
+                "reason": typed.code if typed else None,
+                "class": typed.failure_class.value if typed else None,
+            },
+        )
+    delay = backoff_ms(job.attempts, base_ms=retry_base_ms, cap_ms=retry_cap_ms)
+    return _settled(
+        executor, "retry", job, {"next_at": store.saturating(now_ms + delay), "error": text}
+    )
+
+
+def mark_deferred(
+    executor: Executor,
+    job: Job,
+    until_ms: int,
+    reason: str,
+    *,
+    now_ms: int,
+    max_defer_age_ms: int = DEFAULT_MAX_DEFER_AGE_MS,
+) -> bool:
+    """Back to ``ready`` at ``until_ms`` without spending the attempt; a job older than the
+    defer-age cap fails ``unrecoverable`` with reason ``defer_age_exceeded`` instead."""
+    params = {
+        "now": now_ms,
+        "oldest": store.saturating(now_ms - max_defer_age_ms),
+        "pre_claim_attempts": max(job.attempts - 1, 0),
+        "until": check_ms("until_ms", until_ms),
+        "reason": str(reason),
+    }
+    return _settled(executor, "deferred", job, params)
+
+
+def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms: int) -> bool:
+    """Push the lease of a running job forward (a heartbeat); False when it was lost."""
+    until = store.saturating(now_ms + lock_duration_ms)
+    return _settled(executor, "extend", job, {"until": until})
+
+
+def recover_stale_locks(executor: Executor, *, now_ms: int) -> int:
+    """Return expired leases to ``ready``; a row with no attempts left fails
+    ``stale_lock_exhausted`` (transient) instead of looping forever."""
+    return int(executor.execute(_statements()["recover"], {"now": now_ms}).rowcount)
+
+
+def release_running_locks(executor: Executor, held: Sequence[Job] | None = None) -> int:
+    """Give running jobs back at a graceful shutdown, attempt returned.
+
+    With ``held``, only those claims are released (a worker releases its own leases);
+    without it, every running row is.
+    """
+    statement = update(jobs).where(jobs.c.status == RUNNING)
+    if held is not None:
+        if not held:
+            return 0
+        statement = statement.where(jobs.c.id.in_([job.id for job in held])).where(
+            jobs.c.lease_token.in_({job.lease_token for job in held if job.lease_token})
+        )
+    statement = statement.values(
+        status=READY,
+        attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+        locked_until_ms=NULL,
+        started_at_ms=NULL,
+        lease_token=NULL,
+    )
+    return int(executor.execute(statement).rowcount)
+
+
+def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:
+    condition = table.c.status == FAILED
+    if transient_only:
+        condition = and_(
+            condition,
+            or_(table.c.failure_class.is_(None), table.c.failure_class != UNRECOVERABLE),
+        )
+    return condition
+
+
+@lru_cache(maxsize=None)
+def _requeue_statement(transient_only: bool) -> Update:
+    active = jobs.alias("active")
+    newer = jobs.alias("newer")
+    key_is_free = ~exists(
+        select(active.c.id)
+        .where(active.c.dedupe_key == jobs.c.dedupe_key)
+        .where(active.c.status.in_([READY, RUNNING]))
+    )
+    is_newest = ~exists(
+        select(newer.c.id)
+        .where(newer.c.dedupe_key == jobs.c.dedupe_key)
+        .where(_failed(newer, transient_only))
+        .where(
+            or_(
+                newer.c.created_at_ms > jobs.c.created_at_ms,
+                and_(newer.c.created_at_ms == jobs.c.created_at_ms, newer.c.id > jobs.c.id),
+            )
+        )
+    )
+    return (
+        update(jobs)
+        .where(_failed(jobs, transient_only))
+        .where(or_(jobs.c.dedupe_key.is_(None), and_(key_is_free, is_newest)))
+        .values(
+            status=READY,
+            attempts=0,
+            available_at_ms=bindparam("now"),
+            locked_until_ms=NULL,
+            started_at_ms=NULL,
+            completed_at_ms=NULL,
+            last_error=NULL,
+            failure_reason=NULL,
+            failure_class=NULL,
+            lease_token=NULL,
+        )
+    )
+
+
+def _requeue(executor: Executor, *, now_ms: int, transient_only: bool) -> int:
+    statement = _requeue_statement(transient_only)
+    for attempt in range(_REQUEUE_RETRIES):
+        savepoint = executor.begin_nested()
+        try:
+            count = int(executor.execute(statement, {"now": now_ms}).rowcount)
+        except sa_exc.IntegrityError:
+            # A concurrent enqueue took a key between our check and our write.
+            savepoint.rollback()
+            if attempt == _REQUEUE_RETRIES - 1:
+                raise
+            continue
+        savepoint.commit()
+        return count
+    return 0  # pragma: no cover - the loop returns or raises
+
+
+def requeue_failed(executor: Executor, *, now_ms: int) -> int:
+    """Every ``failed`` row back to ``ready`` with a fresh budget, except rows whose key is
+    active again; of several failed rows sharing a key, only the newest."""
+    return _requeue(executor, now_ms=now_ms, transient_only=False)
+
+
+def requeue_transient_failed(executor: Executor, *, now_ms: int) -> int:
+    """Like :func:`requeue_failed`, leaving ``unrecoverable`` failures parked (self-heal)."""
+    return _requeue(executor, now_ms=now_ms, transient_only=True)

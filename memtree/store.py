@@ -1,0 +1,374 @@
+"""Enqueue, claim and read: every statement that puts jobs in or takes them out.
+
+Callers are :class:`memtree.Queue` (in a transaction of its own) and the free
+functions in :mod:`memtree.queue` (in the caller's transaction); each function here
+runs on whatever ``Connection`` or ``Session`` it is given and never commits.
+Settlement, every state change after a claim, lives in :mod:`memtree.settle`.
+
+- The dedupe key is enforced by the partial unique index over ``ready``/``running``
+  rows: an insert whose key is active does nothing and reports ``None``.
+- A claim is one UPDATE … RETURNING over the rows a pick selects. The pick walks
+  ready rows kind by kind through the claim index, so it reads at most ``limit`` rows
+  per kind it may claim instead of sorting the whole backlog. On PostgreSQL the pick
+  locks with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait on each
+  other nor take the same row.
+- Every claim writes a fresh ``lease_token``; settles are fenced to it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    Update,
+    bindparam,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    union_all,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from memtree.dialects import Dialect, dialect_for
+from memtree.errors import (
+    CorruptJobError,
+    DatabaseError,
+    InvalidJobError,
+    MemtreeError,
+    SchemaMissingError,
+)
+from memtree.models import TABLE_NAME, jobs
+from memtree.types import (
+    DEFAULT_MAX_ATTEMPTS,
+    RETIRED_JOB_KINDS,
+    FailureClass,
+    Job,
+    JobStatus,
+    NewJob,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+__all__ = [
+    "Executor",
+    "claim",
+    "count_by_status",
+    "count_failed_unrecoverable",
+    "count_total",
+    "dialect_of",
+    "enqueue",
+    "enqueue_async",
+    "enqueue_many",
+    "get_job",
+    "job_from_row",
+    "new_job_id",
+    "purge_retired_jobs",
+    "saturating",
+    "translate_errors",
+]
+
+#: Anything memtree can run a statement on inside the caller's transaction.
+Executor: TypeAlias = Connection | Session
+
+READY = literal_column("'ready'")
+RUNNING = literal_column("'running'")
+FAILED = literal_column("'failed'")
+
+# Rows per INSERT in enqueue_many: under SQLite's bound-parameter limit on any build.
+_INSERT_CHUNK = 500
+
+
+def new_job_id() -> str:
+    return f"job:{uuid.uuid4()}"
+
+
+def dialect_of(executor: Executor) -> Dialect:
+    if isinstance(executor, Session):
+        return dialect_for(executor.get_bind(jobs).dialect.name)
+    return dialect_for(executor.dialect.name)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver errors into memtree's: a missing table is a schema error, the rest
+    a :class:`DatabaseError` with the driver's exception as its cause."""
+    try:
+        yield
+    except MemtreeError:
+        raise
+    except sa_exc.DBAPIError as exc:
+        text = str(exc.orig).lower()
+        missing = (
+            f"no such table: {TABLE_NAME}" in text
+            or f'relation "{TABLE_NAME}" does not exist' in text
+            or "no such column: lease_token" in text
+            or 'column "lease_token" does not exist' in text
+            or "no such column: failure_" in text
+            or 'column "failure_' in text
+        )
+        if missing:
+            raise SchemaMissingError(str(exc.orig).strip()) from exc
+        raise DatabaseError(f"{type(exc.orig).__name__}: {str(exc.orig).strip()}") from exc
+
+
+# -- enqueue -------------------------------------------------------------------------
+
+
+def _insert_params(job: NewJob, now_ms: int, default_max_attempts: int) -> dict[str, Any]:
+    return {
+        "id": new_job_id(),
+        "kind": str(job.kind),
+        "payload_json": job.payload_json,
+        "dedupe_key": job.dedupe_key,
+        "status": JobStatus.READY.value,
+        "attempts": 0,
+        "max_attempts": job.max_attempts if job.max_attempts is not None else default_max_attempts,
+        "available_at_ms": job.available_at_ms if job.available_at_ms is not None else now_ms,
+        "created_at_ms": now_ms,
+    }
+
+
+def _checked(job: object) -> NewJob:
+    if not isinstance(job, NewJob):
+        raise InvalidJobError(f"expected a NewJob, not {type(job).__name__}")
+    return job
+
+
+@lru_cache(maxsize=None)
+def _insert_statement(dialect_name: str) -> Any:
+    # RETURNING, not rowcount: drivers disagree on the rowcount of a skipped insert.
+    return dialect_for(dialect_name).insert_unless_active_key().returning(jobs.c.id)
+
+
+def enqueue(
+    executor: Executor,
+    job: NewJob,
+    *,
+    now_ms: int,
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> str | None:
+    """Insert one ``ready`` job; None when its dedupe key is already active."""
+    job = _checked(job)
+    params = _insert_params(job, now_ms, default_max_attempts)
+    inserted = executor.execute(_insert_statement(dialect_of(executor).name), params).scalar()
+    return None if inserted is None else str(inserted)
+
+
+async def enqueue_async(
+    executor: AsyncSession | AsyncConnection,
+    job: NewJob,
+    *,
+    now_ms: int,
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> str | None:
+    """:func:`enqueue` on an ``AsyncSession`` or ``AsyncConnection``."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    job = _checked(job)
+    bind = executor.get_bind() if isinstance(executor, AsyncSession) else executor
+    params = _insert_params(job, now_ms, default_max_attempts)
+    result = await executor.execute(_insert_statement(dialect_for(bind.dialect.name).name), params)
+    inserted = result.scalar()
+    return None if inserted is None else str(inserted)
+
+
+def enqueue_many(
+    executor: Executor,
+    new_jobs: Sequence[NewJob],
+    *,
+    now_ms: int,
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> list[str | None]:
+    """Insert many jobs; None at every position dedupe suppressed.
+
+    A key repeated inside the batch is suppressed after its first occurrence, the
+    same as if the jobs had been enqueued one by one.
+    """
+    checked = [_checked(job) for job in new_jobs]
+    if not checked:
+        return []
+    params = [_insert_params(job, now_ms, default_max_attempts) for job in checked]
+    seen: set[str] = set()
+    to_insert: list[dict[str, Any]] = []
+    for row in params:
+        key = row["dedupe_key"]
+        if key is not None:
+            if key in seen:
+                row["id"] = None
+                continue
+            seen.add(key)
+        to_insert.append(row)
+    statement = _insert_statement(dialect_of(executor).name)
+    inserted: set[str] = set()
+    for start in range(0, len(to_insert), _INSERT_CHUNK):
+        chunk = to_insert[start : start + _INSERT_CHUNK]
+        inserted.update(executor.execute(statement, chunk).scalars())
+    return [row["id"] if row["id"] in inserted else None for row in params]
+
+
+# -- claim ---------------------------------------------------------------------------
+
+
+def _branch(kind_filter: ColumnElement[bool], priority: int, lock: bool) -> Select[Any]:
+    """Due ready rows matching ``kind_filter``, oldest first, at most ``limit`` of them."""
+    pick = (
+        select(jobs.c.id, literal(priority).label("priority"), jobs.c.available_at_ms)
+        .where(jobs.c.status == READY)
+        .where(jobs.c.available_at_ms <= bindparam("now"))
+        .where(kind_filter)
+        .order_by(jobs.c.available_at_ms)
+        .limit(bindparam("limit"))
+    )
+    return pick.with_for_update(skip_locked=True) if lock else pick
+
+
+@lru_cache(maxsize=256)
+def _claim_statement(
+    dialect_name: str, claim_order: tuple[str, ...], kinds: tuple[str, ...] | None
+) -> Update:
+    """The claim for one (database, claim order, kinds) combination, built once."""
+    dialect = dialect_for(dialect_name)
+    lock = dialect.skip_locked
+    rest = len(claim_order)
+    branches: list[Select[Any]] = []
+    if kinds is None:
+        for priority, kind in enumerate(claim_order):
+            branches.append(_branch(jobs.c.kind == kind, priority, lock))
+        excluded = (*claim_order, *RETIRED_JOB_KINDS)
+        branches.append(_branch(jobs.c.kind.not_in(excluded), rest, lock))
+    else:
+        # One branch per kind, so each walks the claim index in due order.
+        for priority, kind in enumerate(claim_order):
+            if kind in kinds:
+                branches.append(_branch(jobs.c.kind == kind, priority, lock))
+        for kind in kinds:
+            if kind not in claim_order:
+                branches.append(_branch(jobs.c.kind == kind, rest, lock))
+    if len(branches) == 1:
+        picked: Select[Any] = select(branches[0].subquery().c.id)
+    else:
+        merged = union_all(*(select(b.subquery()) for b in branches)).subquery()
+        picked = (
+            select(merged.c.id)
+            .order_by(merged.c.priority, merged.c.available_at_ms)
+            .limit(bindparam("limit"))
+        )
+    values: dict[str, ColumnElement[Any]] = {
+        "status": RUNNING,
+        "attempts": jobs.c.attempts + 1,
+        "started_at_ms": bindparam("now"),
+        "locked_until_ms": bindparam("until"),
+        "last_error": literal_column("NULL"),
+        "lease_token": bindparam("token"),
+    }
+    return dialect.claim(picked, values).returning(*jobs.c)
+
+
+def claim(
+    executor: Executor,
+    *,
+    now_ms: int,
+    limit: int,
+    lock_duration_ms: int,
+    claim_order: tuple[str, ...],
+    kinds: tuple[str, ...] | None = None,
+) -> list[Job]:
+    """Lease up to ``limit`` due jobs, in claim order then due time.
+
+    ``kinds`` restricts the claim to those kinds (retired kinds are never claimed).
+    """
+    if kinds is not None:
+        kinds = tuple(sorted({k for k in kinds if k not in RETIRED_JOB_KINDS}))
+        if not kinds:
+            return []
+    if limit < 1:
+        return []
+    statement = _claim_statement(dialect_of(executor).name, claim_order, kinds)
+    params = {
+        "now": now_ms,
+        "until": saturating(now_ms + lock_duration_ms),
+        "token": uuid.uuid4().hex,
+        "limit": limit,
+    }
+    rows = executor.execute(statement, params).all()
+    order = {kind: index for index, kind in enumerate(claim_order)}
+    claimed = [job_from_row(row) for row in rows]
+    claimed.sort(key=lambda job: (order.get(job.kind, len(order)), job.available_at_ms, job.id))
+    return claimed
+
+
+def saturating(value: int) -> int:
+    """``value`` clamped to the signed 64-bit range the time columns hold."""
+    return max(min(value, 2**63 - 1), -(2**63))
+
+
+# -- reads ---------------------------------------------------------------------------
+
+
+def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
+    """A :class:`Job` from a full row; an unknown status is a :class:`CorruptJobError`."""
+    data = row._mapping if isinstance(row, Row) else row
+    try:
+        status = JobStatus(data["status"])
+    except ValueError:
+        raise CorruptJobError(data["id"], f"unknown status {data['status']!r}") from None
+    return Job(
+        id=data["id"],
+        kind=data["kind"],
+        payload_json=data["payload_json"],
+        dedupe_key=data["dedupe_key"],
+        status=status,
+        attempts=data["attempts"],
+        max_attempts=data["max_attempts"],
+        available_at_ms=data["available_at_ms"],
+        locked_until_ms=data["locked_until_ms"],
+        last_error=data["last_error"],
+        created_at_ms=data["created_at_ms"],
+        started_at_ms=data["started_at_ms"],
+        completed_at_ms=data["completed_at_ms"],
+        failure_reason=data["failure_reason"],
+        failure_class=data["failure_class"],
+        lease_token=data.get("lease_token"),
+    )
+
+
+def get_job(executor: Executor, job_id: str) -> Job | None:
+    row = executor.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    return None if row is None else job_from_row(row)
+
+
+def count_by_status(executor: Executor, status: JobStatus | str) -> int:
+    statement = select(func.count()).select_from(jobs).where(jobs.c.status == str(status))
+    return int(executor.execute(statement).scalar_one())
+
+
+def count_failed_unrecoverable(executor: Executor) -> int:
+    statement = (
+        select(func.count())
+        .select_from(jobs)
+        .where(jobs.c.status == FAILED)
+        .where(jobs.c.failure_class == FailureClass.UNRECOVERABLE.value)
+    )
+    return int(executor.execute(statement).scalar_one())
+
+
+def count_total(executor: Executor) -> int:
+    return int(executor.execute(select(func.count()).select_from(jobs)).scalar_one())
+
+
+def purge_retired_jobs(executor: Executor) -> int:
+    """Delete rows of retired kinds; the original's one-shot cleanup at worker start."""
+    result = executor.execute(delete(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS)))
+    return int(result.rowcount)

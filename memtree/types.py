@@ -1,0 +1,337 @@
+"""The values memtree passes around: statuses, kinds, failures, jobs to enqueue and claimed jobs.
+
+Nothing here touches a database. Wire strings (statuses, kinds, failure classes) are
+``StrEnum`` members so they compare equal to the strings stored in ``mem_tree_jobs``,
+the table memtree shares with the original Rust crate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from memtree.errors import InvalidJobError
+
+if TYPE_CHECKING:
+    from memtree.payloads import AppendTarget, NodeRef, Payload
+
+__all__ = [
+    "DEFAULT_CLAIM_ORDER",
+    "DEFAULT_LOCK_DURATION_MS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_DEFER_AGE_MS",
+    "MAX_MS",
+    "RETIRED_JOB_KINDS",
+    "RETRY_BASE_MS",
+    "RETRY_CAP_MS",
+    "FailureClass",
+    "Job",
+    "JobFailure",
+    "JobKind",
+    "JobStatus",
+    "NewJob",
+    "backoff_ms",
+    "find_failure",
+    "is_retired_kind",
+]
+
+#: The lease of a claim: a worker that dies mid-job has its row recovered after this.
+DEFAULT_LOCK_DURATION_MS = 5 * 60 * 1000
+#: Attempts a job gets when its ``NewJob`` does not say.
+DEFAULT_MAX_ATTEMPTS = 5
+#: First retry delay; doubles with every attempt after it.
+RETRY_BASE_MS = 60 * 1000
+#: Longest retry delay.
+RETRY_CAP_MS = 60 * 60 * 1000
+#: A job deferred for longer than this since it was created fails ``defer_age_exceeded``.
+DEFAULT_MAX_DEFER_AGE_MS = 7 * 24 * 60 * 60 * 1000
+#: Kinds claimed before all others, in this order (the original's drain-forward order).
+DEFAULT_CLAIM_ORDER: tuple[str, ...] = ("seal", "flush_stale", "append_buffer")
+#: Kinds of the original's removed global/topic trees: never claimed, purged at start.
+RETIRED_JOB_KINDS: tuple[str, ...] = ("topic_route", "digest_daily")
+#: Largest time memtree stores (the columns are signed 64-bit).
+MAX_MS = 2**63 - 1
+_MAX_INT32 = 2**31 - 1
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life (the ``status`` column)."""
+
+    READY = "ready"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True when no worker will move the job again without an operator."""
+        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobKind(StrEnum):
+    """The memory tree's own kinds. Applications may use any other non-empty kind string."""
+
+    EXTRACT_CHUNK = "extract_chunk"
+    APPEND_BUFFER = "append_buffer"
+    SEAL = "seal"
+    FLUSH_STALE = "flush_stale"
+    REEMBED_BACKFILL = "reembed_backfill"
+    SEAL_DOCUMENT = "seal_document"
+
+
+class FailureClass(StrEnum):
+    """Whether retrying a failed job can help (the ``failure_class`` column)."""
+
+    TRANSIENT = "transient"
+    UNRECOVERABLE = "unrecoverable"
+
+
+def is_retired_kind(kind: str) -> bool:
+    """True for the wire strings of retired kinds, which are never claimed."""
+    return kind in RETIRED_JOB_KINDS
+
+
+class JobFailure(Exception):
+    """A classified failure: raise it (or chain it) from a handler to say whether to retry.
+
+    An unrecoverable failure ends the job at once; a transient one follows the usual
+    attempts-bounded retry with backoff.
+    """
+
+    def __init__(self, code: str, failure_class: FailureClass | str) -> None:
+        if not isinstance(code, str) or not code:
+            raise InvalidJobError("a JobFailure code must be a non-empty string")
+        self.code = code
+        self.failure_class = FailureClass(failure_class)
+        super().__init__(code, self.failure_class.value)
+
+    @classmethod
+    def transient(cls, code: str) -> JobFailure:
+        return cls(code, FailureClass.TRANSIENT)
+
+    @classmethod
+    def unrecoverable(cls, code: str) -> JobFailure:
+        return cls(code, FailureClass.UNRECOVERABLE)
+
+    @classmethod
+    def budget_exhausted(cls) -> JobFailure:
+        return cls.unrecoverable("budget_exhausted")
+
+    @property
+    def is_unrecoverable(self) -> bool:
+        return self.failure_class is FailureClass.UNRECOVERABLE
+
+    def __str__(self) -> str:
+        return f"{self.code} ({self.failure_class.value})"
+
+    def __repr__(self) -> str:
+        return f"JobFailure({self.code!r}, {self.failure_class.value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, JobFailure):
+            return NotImplemented
+        return (self.code, self.failure_class) == (other.code, other.failure_class)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.failure_class))
+
+
+def _exception_chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ if current.__cause__ is not None else current.__context__
+
+
+def find_failure(error: object) -> JobFailure | None:
+    """The first :class:`JobFailure` in an exception's cause/context chain, if any."""
+    if not isinstance(error, BaseException):
+        return None
+    for link in _exception_chain(error):
+        if isinstance(link, JobFailure):
+            return link
+    return None
+
+
+def backoff_ms(
+    attempts_so_far: int, *, base_ms: int = RETRY_BASE_MS, cap_ms: int = RETRY_CAP_MS
+) -> int:
+    """Delay before the next retry: ``base * 2**(attempts - 1)``, at most ``cap_ms``.
+
+    ``attempts_so_far`` counts the attempt that just failed, so the first retry waits
+    ``base_ms`` (60 s by default), the second twice that, and so on.
+    """
+    exponent = min(max(attempts_so_far - 1, 0), 20)
+    return int(min(base_ms * (1 << exponent), cap_ms))
+
+
+def check_ms(name: str, value: object) -> int:
+    """``value`` as a time in epoch milliseconds, or :class:`InvalidJobError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidJobError(f"{name} must be an integer number of milliseconds, not {value!r}")
+    if not -MAX_MS - 1 <= value <= MAX_MS:
+        raise InvalidJobError(f"{name} {value} does not fit in a signed 64-bit integer")
+    return value
+
+
+def _check_text(name: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidJobError(f"{name} must be a string, not {type(value).__name__}")
+    if not value and not allow_empty:
+        raise InvalidJobError(f"{name} must not be empty")
+    if "\x00" in value:
+        raise InvalidJobError(f"{name} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJobError(f"{name} is not valid Unicode text: {exc.reason}") from None
+    return value
+
+
+def check_kind(kind: object) -> str:
+    """``kind`` as a storable, claimable kind string, or :class:`InvalidJobError`."""
+    text = _check_text("kind", kind)
+    if is_retired_kind(text):
+        raise InvalidJobError(f"kind {text!r} is retired and would never be claimed")
+    return text
+
+
+def encode_payload(payload: object) -> str:
+    """Serialise a payload to the ``payload_json`` text, or :class:`InvalidJobError`."""
+    from memtree.payloads import Payload
+
+    value = payload.to_wire() if isinstance(payload, Payload) else payload
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidJobError(f"payload is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidJobError("payload is nested too deeply to serialise") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJobError(f"payload holds text that is not valid Unicode: {exc.reason}") from None
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to enqueue. Validated when built, so a bad job never reaches the database.
+
+    ``payload`` is any JSON value (NaN and infinities are not JSON) or one of the
+    memory-tree payload classes in :mod:`memtree.payloads`.
+    """
+
+    kind: str
+    payload: Any = None
+    dedupe_key: str | None = None
+    available_at_ms: int | None = None
+    max_attempts: int | None = None
+    payload_json: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        if self.dedupe_key is not None:
+            _check_text("dedupe_key", self.dedupe_key)
+        if self.available_at_ms is not None:
+            check_ms("available_at_ms", self.available_at_ms)
+        if self.max_attempts is not None:
+            if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+                raise InvalidJobError(f"max_attempts must be an integer, not {self.max_attempts!r}")
+            if not 1 <= self.max_attempts <= _MAX_INT32:
+                raise InvalidJobError(f"max_attempts must be between 1 and {_MAX_INT32}")
+        object.__setattr__(self, "payload_json", encode_payload(self.payload))
+
+    # Constructors for the memory tree's kinds: the payload shapes and dedupe keys are
+    # the original crate's, byte for byte, so Rust and Python producers dedupe together.
+
+    @classmethod
+    def _of(cls, kind: JobKind, payload: Payload, max_attempts: int | None = None) -> NewJob:
+        return cls(kind, payload, dedupe_key=payload.dedupe_key(), max_attempts=max_attempts)
+
+    @classmethod
+    def extract_chunk(cls, chunk_id: str) -> NewJob:
+        from memtree.payloads import ExtractChunkPayload
+
+        return cls._of(JobKind.EXTRACT_CHUNK, ExtractChunkPayload(chunk_id))
+
+    @classmethod
+    def append_buffer(cls, node: NodeRef, target: AppendTarget) -> NewJob:
+        from memtree.payloads import AppendBufferPayload
+
+        return cls._of(JobKind.APPEND_BUFFER, AppendBufferPayload(node, target))
+
+    @classmethod
+    def seal(cls, tree_id: str, level: int, force_now_ms: int | None = None) -> NewJob:
+        from memtree.payloads import SealPayload
+
+        return cls._of(JobKind.SEAL, SealPayload(tree_id, level, force_now_ms))
+
+    @classmethod
+    def flush_stale(cls, now_ms: int, max_age_secs: int | None = None) -> NewJob:
+        """A ``flush_stale`` job deduped to the UTC date and 3-hour block of ``now_ms``."""
+        from memtree.payloads import FlushStalePayload
+
+        payload = FlushStalePayload(max_age_secs)
+        job = cls(JobKind.FLUSH_STALE, payload, dedupe_key=payload.dedupe_key_at(now_ms))
+        return job
+
+    @classmethod
+    def reembed_backfill(cls, signature: str) -> NewJob:
+        from memtree.payloads import ReembedBackfillPayload
+
+        return cls._of(JobKind.REEMBED_BACKFILL, ReembedBackfillPayload(signature), max_attempts=3)
+
+    @classmethod
+    def seal_document(
+        cls,
+        tree_scope: str,
+        doc_id: str,
+        chunk_ids: list[str] | tuple[str, ...],
+        version_ms: int | None = None,
+    ) -> NewJob:
+        from memtree.payloads import SealDocumentPayload
+
+        payload = SealDocumentPayload(tree_scope, doc_id, version_ms, tuple(chunk_ids))
+        return cls._of(JobKind.SEAL_DOCUMENT, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One ``mem_tree_jobs`` row as read at a moment: the 15 wire columns plus the lease token.
+
+    A ``Job`` returned by a claim carries the claim's ``lease_token``; every settle is
+    fenced to it, so a worker whose lease was recovered or re-claimed cannot settle.
+    """
+
+    id: str
+    kind: str
+    payload_json: str
+    dedupe_key: str | None
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    available_at_ms: int
+    locked_until_ms: int | None
+    last_error: str | None
+    created_at_ms: int
+    started_at_ms: int | None
+    completed_at_ms: int | None
+    failure_reason: str | None
+    failure_class: str | None
+    lease_token: str | None = None
+
+    @property
+    def payload(self) -> Any:
+        """The payload, parsed from ``payload_json`` (raises ``ValueError`` if it is not JSON)."""
+        return json.loads(self.payload_json, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"payload_json holds {name}, which is not JSON")

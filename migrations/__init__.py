@@ -1,0 +1,1 @@
+"""memtree's Alembic environment (installed as ``memtree.migrations``)."""

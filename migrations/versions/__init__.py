@@ -1,0 +1,1 @@
+"""memtree's Alembic revisions, on the ``memtree`` branch."""
