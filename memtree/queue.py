@@ -19,7 +19,7 @@ from sqlalchemy import URL, Connection, Engine
 
 from memtree import migration, settle, store
 from memtree.dialects import dialect_for
-from memtree.engine import create_engine
+from memtree.engine import create_engine, normalize_url
 from memtree.errors import (
     ConfigurationError,
     SchemaMissingError,
@@ -133,6 +133,7 @@ class Queue:
             self.engine = bind
             self._owns_engine = False
         elif isinstance(bind, str | URL):
+            dialect_for(normalize_url(bind).get_backend_name())  # before any driver import
             self.engine = create_engine(bind)
             self._owns_engine = True
         else:

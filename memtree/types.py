@@ -23,6 +23,8 @@ __all__ = [
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
+    "MAX_DEDUPE_KEY_BYTES",
+    "MAX_KIND_BYTES",
     "MAX_MS",
     "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
@@ -54,6 +56,10 @@ DEFAULT_CLAIM_ORDER: tuple[str, ...] = ("seal", "flush_stale", "append_buffer")
 RETIRED_JOB_KINDS: tuple[str, ...] = ("topic_route", "digest_daily")
 #: Largest time memtree stores (the columns are signed 64-bit).
 MAX_MS = 2**63 - 1
+#: Longest kind, in UTF-8 bytes. Kinds are indexed, and an index entry must fit a page.
+MAX_KIND_BYTES = 255
+#: Longest dedupe key, in UTF-8 bytes (a PostgreSQL B-tree entry holds at most ~2.7 kB).
+MAX_DEDUPE_KEY_BYTES = 2000
 _MAX_INT32 = 2**31 - 1
 
 
@@ -180,23 +186,25 @@ def check_ms(name: str, value: object) -> int:
     return value
 
 
-def _check_text(name: str, value: object, *, allow_empty: bool = False) -> str:
+def _check_text(name: str, value: object, *, max_bytes: int | None = None) -> str:
     if not isinstance(value, str):
         raise InvalidJobError(f"{name} must be a string, not {type(value).__name__}")
-    if not value and not allow_empty:
+    if not value:
         raise InvalidJobError(f"{name} must not be empty")
     if "\x00" in value:
         raise InvalidJobError(f"{name} must not contain NUL characters")
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise InvalidJobError(f"{name} is not valid Unicode text: {exc.reason}") from None
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidJobError(f"{name} is {size} bytes long; at most {max_bytes} are allowed")
     return value
 
 
 def check_kind(kind: object) -> str:
     """``kind`` as a storable, claimable kind string, or :class:`InvalidJobError`."""
-    text = _check_text("kind", kind)
+    text = _check_text("kind", kind, max_bytes=MAX_KIND_BYTES)
     if is_retired_kind(text):
         raise InvalidJobError(f"kind {text!r} is retired and would never be claimed")
     return text
@@ -238,7 +246,7 @@ class NewJob:
     def __post_init__(self) -> None:
         check_kind(self.kind)
         if self.dedupe_key is not None:
-            _check_text("dedupe_key", self.dedupe_key)
+            _check_text("dedupe_key", self.dedupe_key, max_bytes=MAX_DEDUPE_KEY_BYTES)
         if self.available_at_ms is not None:
             check_ms("available_at_ms", self.available_at_ms)
         if self.max_attempts is not None:
