@@ -82,4 +82,3 @@ def dialect_for(name: str) -> Dialect:
         return _DIALECTS[name]
     except KeyError:
         raise UnsupportedDatabaseError(name) from None
-

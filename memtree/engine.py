@@ -64,7 +64,9 @@ def create_engine(
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         from memtree.errors import ConfigurationError
 
-        raise ConfigurationError(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {sqlite_synchronous!r}")
+        raise ConfigurationError(
+            f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {sqlite_synchronous!r}"
+        )
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)

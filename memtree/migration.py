@@ -23,7 +23,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, column, inspect, select, text
+from sqlalchemy import Connection, Engine, String, column, inspect, select, text
 from sqlalchemy import table as table_clause
 
 from memtree.errors import SchemaError
@@ -69,7 +69,9 @@ def version_location() -> str:
     return str(script_location() / "versions")
 
 
-def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
     """An Alembic ``include_object`` hook that keeps only memtree's table.
 
     memtree's environment uses it so the host's tables are never drift; a host's own
@@ -167,7 +169,7 @@ def schema_revision(conn: Connection) -> str | None:
     for table in (VERSION_TABLE, HOST_VERSION_TABLE):
         if not inspector.has_table(table):
             continue
-        version_num = column("version_num")
+        version_num = column("version_num", String)
         rows = conn.execute(select(version_num).select_from(table_clause(table))).scalars().all()
         mine = [row for row in rows if row in known or row.startswith("memtree_")]
         if mine:

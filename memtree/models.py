@@ -1,4 +1,4 @@
-"""The declarative model of ``mem_tree_jobs``: the original crate's table, plus memtree's lease token.
+"""The declarative model of ``mem_tree_jobs``: the original crate's table, plus a lease token.
 
 The columns, types, defaults and index names are the original's, so a database made
 by the Rust crate and one made by ``memtree db upgrade`` are the same table. Times
@@ -11,7 +11,9 @@ it, and ``tests/test_migrations.py`` checks that the two never drift apart.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Index, Integer, MetaData, Text, text
+from typing import cast
+
+from sqlalchemy import BigInteger, Index, Integer, MetaData, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["TABLE_NAME", "Base", "MemTreeJob", "jobs"]
@@ -85,4 +87,5 @@ class MemTreeJob(Base):
     )
 
 
-jobs = MemTreeJob.__table__
+#: The Core table the store and settle statements are built on.
+jobs = cast(Table, MemTreeJob.__table__)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING
+
 from sqlalchemy import URL, Connection, Engine
 
 from memtree import migration, settle, store

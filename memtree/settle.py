@@ -14,7 +14,7 @@ Like :mod:`memtree.store`, these functions run on the caller's ``Connection`` or
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -31,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.elements import ColumnClause
 
 from memtree import store
 from memtree.models import jobs
@@ -40,7 +41,6 @@ from memtree.types import (
     DEFAULT_MAX_DEFER_AGE_MS,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
-    FailureClass,
     Job,
     JobFailure,
     NewJob,
@@ -61,10 +61,10 @@ __all__ = [
     "requeue_transient_failed",
 ]
 
-NULL = literal_column("NULL")
-DONE = literal_column("'done'")
-UNRECOVERABLE = literal_column("'unrecoverable'")
-TRANSIENT = literal_column("'transient'")
+NULL: ColumnClause[Any] = literal_column("NULL")
+DONE: ColumnClause[str] = literal_column("'done'")
+UNRECOVERABLE: ColumnClause[str] = literal_column("'unrecoverable'")
+TRANSIENT: ColumnClause[str] = literal_column("'transient'")
 
 # Attempts at a requeue that lost a race for a dedupe key on PostgreSQL; each retry
 # sees the winner and leaves that key alone, so a second attempt already succeeds.
@@ -93,7 +93,7 @@ def _fence_params(job: Job) -> dict[str, Any]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _statements() -> dict[str, Update]:
     aged_out = jobs.c.created_at_ms <= bindparam("oldest")
     exhausted = jobs.c.attempts >= jobs.c.max_attempts
@@ -168,7 +168,7 @@ def _statements() -> dict[str, Update]:
 
 def _settled(executor: Executor, name: str, job: Job, params: dict[str, Any]) -> bool:
     result = executor.execute(_statements()[name], {**_fence_params(job), **params})
-    return bool(result.rowcount == 1)
+    return store.rowcount(result) == 1
 
 
 def error_text(error: object) -> str:
@@ -269,7 +269,7 @@ def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms:
 def recover_stale_locks(executor: Executor, *, now_ms: int) -> int:
     """Return expired leases to ``ready``; a row with no attempts left fails
     ``stale_lock_exhausted`` (transient) instead of looping forever."""
-    return int(executor.execute(_statements()["recover"], {"now": now_ms}).rowcount)
+    return store.rowcount(executor.execute(_statements()["recover"], {"now": now_ms}))
 
 
 def release_running_locks(executor: Executor, held: Sequence[Job] | None = None) -> int:
@@ -292,11 +292,11 @@ def release_running_locks(executor: Executor, held: Sequence[Job] | None = None)
         started_at_ms=NULL,
         lease_token=NULL,
     )
-    return int(executor.execute(statement).rowcount)
+    return store.rowcount(executor.execute(statement))
 
 
 def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:
-    condition = table.c.status == FAILED
+    condition: ColumnElement[bool] = table.c.status == FAILED
     if transient_only:
         condition = and_(
             condition,
@@ -305,7 +305,7 @@ def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:
     return condition
 
 
-@lru_cache(maxsize=None)
+@cache
 def _requeue_statement(transient_only: bool) -> Update:
     active = jobs.alias("active")
     newer = jobs.alias("newer")
@@ -349,7 +349,7 @@ def _requeue(executor: Executor, *, now_ms: int, transient_only: bool) -> int:
     for attempt in range(_REQUEUE_RETRIES):
         savepoint = executor.begin_nested()
         try:
-            count = int(executor.execute(statement, {"now": now_ms}).rowcount)
+            count = store.rowcount(executor.execute(statement, {"now": now_ms}))
         except sa_exc.IntegrityError:
             # A concurrent enqueue took a key between our check and our write.
             savepoint.rollback()

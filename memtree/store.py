@@ -20,8 +20,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, TypeAlias
+from functools import cache, lru_cache
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sqlalchemy import (
     Connection,
@@ -37,8 +37,9 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import (
@@ -48,7 +49,7 @@ from memtree.errors import (
     MemtreeError,
     SchemaMissingError,
 )
-from memtree.models import TABLE_NAME, jobs
+from memtree.models import TABLE_NAME, MemTreeJob, jobs
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     RETIRED_JOB_KINDS,
@@ -75,6 +76,7 @@ __all__ = [
     "job_from_row",
     "new_job_id",
     "purge_retired_jobs",
+    "rowcount",
     "saturating",
     "translate_errors",
 ]
@@ -82,9 +84,11 @@ __all__ = [
 #: Anything memtree can run a statement on inside the caller's transaction.
 Executor: TypeAlias = Connection | Session
 
-READY = literal_column("'ready'")
-RUNNING = literal_column("'running'")
-FAILED = literal_column("'failed'")
+# Status literals are rendered inline, not bound: a generic plan of a prepared statement
+# can only use the partial indexes when the predicate names the status literally.
+READY: ColumnClause[str] = literal_column("'ready'")
+RUNNING: ColumnClause[str] = literal_column("'running'")
+FAILED: ColumnClause[str] = literal_column("'failed'")
 
 # Rows per INSERT in enqueue_many: under SQLite's bound-parameter limit on any build.
 _INSERT_CHUNK = 500
@@ -96,7 +100,7 @@ def new_job_id() -> str:
 
 def dialect_of(executor: Executor) -> Dialect:
     if isinstance(executor, Session):
-        return dialect_for(executor.get_bind(jobs).dialect.name)
+        return dialect_for(executor.get_bind(MemTreeJob).dialect.name)
     return dialect_for(executor.dialect.name)
 
 
@@ -146,7 +150,7 @@ def _checked(job: object) -> NewJob:
     return job
 
 
-@lru_cache(maxsize=None)
+@cache
 def _insert_statement(dialect_name: str) -> Any:
     # RETURNING, not rowcount: drivers disagree on the rowcount of a skipped insert.
     return dialect_for(dialect_name).insert_unless_active_key().returning(jobs.c.id)
@@ -370,5 +374,9 @@ def count_total(executor: Executor) -> int:
 
 def purge_retired_jobs(executor: Executor) -> int:
     """Delete rows of retired kinds; the original's one-shot cleanup at worker start."""
-    result = executor.execute(delete(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS)))
-    return int(result.rowcount)
+    return rowcount(executor.execute(delete(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS))))
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched."""
+    return int(cast(CursorResult[Any], result).rowcount)

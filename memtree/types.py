@@ -224,7 +224,9 @@ def encode_payload(payload: object) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidJobError(f"payload holds text that is not valid Unicode: {exc.reason}") from None
+        raise InvalidJobError(
+            f"payload holds text that is not valid Unicode: {exc.reason}"
+        ) from None
     return text
 
 

@@ -39,7 +39,9 @@ def row(queue: Queue, job_id: str | None) -> Job:
 
 def make_due(queue: Queue, job_id: str | None) -> None:
     with queue.engine.begin() as conn:
-        conn.execute(text("UPDATE mem_tree_jobs SET available_at_ms = 0 WHERE id = :id"), {"id": job_id})
+        conn.execute(
+            text("UPDATE mem_tree_jobs SET available_at_ms = 0 WHERE id = :id"), {"id": job_id}
+        )
 
 
 # -- the original's store_settle_tests.rs, on the wall clock -------------------------
@@ -356,9 +358,7 @@ def test_recover_keeps_an_existing_last_error(queue: Queue, clock: FakeClock) ->
     clock.advance(backoff_ms(1))
     with queue.engine.begin() as conn:  # a claim by another program that keeps last_error
         conn.execute(
-            text(
-                "UPDATE mem_tree_jobs SET status = 'running', locked_until_ms = 1 WHERE id = :id"
-            ),
+            text("UPDATE mem_tree_jobs SET status = 'running', locked_until_ms = 1 WHERE id = :id"),
             {"id": job_id},
         )
     assert queue.recover_stale_locks() == 1

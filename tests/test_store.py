@@ -19,7 +19,9 @@ from memtree import (
 from tests.conftest import FakeClock
 
 
-def insert_raw(queue: Queue, job_id: str, kind: str, status: str = "ready", **extra: object) -> None:
+def insert_raw(
+    queue: Queue, job_id: str, kind: str, status: str = "ready", **extra: object
+) -> None:
     columns = {
         "id": job_id,
         "kind": kind,
@@ -160,7 +162,9 @@ def test_enqueue_many_reports_none_at_each_suppressed_position(queue: Queue) -> 
 
 
 def test_enqueue_many_spans_insert_chunks(queue: Queue) -> None:
-    ids = queue.enqueue_many([NewJob("bulk", {"i": i}, dedupe_key=f"k{i % 900}") for i in range(1200)])
+    ids = queue.enqueue_many(
+        [NewJob("bulk", {"i": i}, dedupe_key=f"k{i % 900}") for i in range(1200)]
+    )
     assert sum(1 for job_id in ids if job_id) == 900
     assert ids[899] is not None and ids[900] is None
     assert queue.count_total() == 900
@@ -289,7 +293,9 @@ def test_repeated_single_calls_survive_prepared_statements(queue: Queue) -> None
         for i in range(30):
             from memtree import enqueue
 
-            assert enqueue(conn, NewJob("p", {"i": i}, dedupe_key=f"k{i % 3}")) is not None or i >= 3
+            assert (
+                enqueue(conn, NewJob("p", {"i": i}, dedupe_key=f"k{i % 3}")) is not None or i >= 3
+            )
             conn.commit()
     assert queue.count_total() == 3
     for _ in range(30):

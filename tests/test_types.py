@@ -47,13 +47,19 @@ def test_extract_chunk_payload_and_key() -> None:
         (
             Leaf("c1"),
             SourceTarget("slack:#x"),
-            {"node": {"kind": "leaf", "chunk_id": "c1"}, "target": {"kind": "source", "source_id": "slack:#x"}},
+            {
+                "node": {"kind": "leaf", "chunk_id": "c1"},
+                "target": {"kind": "source", "source_id": "slack:#x"},
+            },
             "append:source:slack:#x:leaf:c1",
         ),
         (
             Summary("s9"),
             TopicTarget("tree-7"),
-            {"node": {"kind": "summary", "summary_id": "s9"}, "target": {"kind": "topic", "tree_id": "tree-7"}},
+            {
+                "node": {"kind": "summary", "summary_id": "s9"},
+                "target": {"kind": "topic", "tree_id": "tree-7"},
+            },
             "append:topic:tree-7:summary:s9",
         ),
     ],
@@ -105,7 +111,12 @@ def test_seal_document_key_with_and_without_version() -> None:
     }
     assert versioned.dedupe_key == "seal_doc:doc-9@1700"
     plain = NewJob.seal_document("conn:1", "doc-9", [])
-    assert wire(plain) == {"tree_scope": "conn:1", "doc_id": "doc-9", "version_ms": None, "chunk_ids": []}
+    assert wire(plain) == {
+        "tree_scope": "conn:1",
+        "doc_id": "doc-9",
+        "version_ms": None,
+        "chunk_ids": [],
+    }
     assert plain.dedupe_key == "seal_doc:doc-9"
     assert SealDocumentPayload.from_wire(wire(versioned)).chunk_ids == ("a", "b")
 
