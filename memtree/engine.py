@@ -14,6 +14,9 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import URL, Engine, event, make_url
 
+from memtree.dialects import dialect_for
+from memtree.errors import ConfigurationError
+
 __all__ = ["DEFAULT_DATABASE_URL", "SQLITE_BUSY_TIMEOUT_MS", "create_engine", "normalize_url"]
 
 DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
@@ -62,12 +65,11 @@ def create_engine(
     """
     synchronous = sqlite_synchronous.upper()
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        from memtree.errors import ConfigurationError
-
         raise ConfigurationError(
             f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {sqlite_synchronous!r}"
         )
     parsed = normalize_url(url)
+    dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
     engine = sqlalchemy.create_engine(parsed, **kwargs)

@@ -40,6 +40,7 @@ __all__ = [
     "include_object",
     "known_revisions",
     "offline_sql",
+    "revisions",
     "schema_revision",
     "script_location",
     "upgrade",
@@ -105,6 +106,11 @@ def head_revision() -> str:
     head = _script().get_current_head()
     assert head is not None
     return head
+
+
+def revisions() -> list[str]:
+    """memtree's revisions, newest first, as ``id: message``."""
+    return [f"{rev.revision}: {rev.doc.splitlines()[0]}" for rev in _script().walk_revisions()]
 
 
 def known_revisions() -> set[str]:

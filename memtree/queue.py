@@ -20,7 +20,7 @@ from sqlalchemy import URL, Connection, Engine
 
 from memtree import migration, settle, store
 from memtree.dialects import dialect_for
-from memtree.engine import create_engine, normalize_url
+from memtree.engine import create_engine
 from memtree.errors import (
     ConfigurationError,
     SchemaMissingError,
@@ -134,7 +134,6 @@ class Queue:
             self.engine = bind
             self._owns_engine = False
         elif isinstance(bind, str | URL):
-            dialect_for(normalize_url(bind).get_backend_name())  # before any driver import
             self.engine = create_engine(bind)
             self._owns_engine = True
         else:

@@ -1,0 +1,166 @@
+"""The ``memtree`` command: schema management today; the worker and operations commands build on it.
+
+Every error is one line on stderr and a non-zero exit, never a traceback, and a
+database password never appears in output.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from alembic.util import CommandError
+from sqlalchemy import Engine, make_url
+from sqlalchemy import exc as sa_exc
+
+from memtree import migration
+from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url
+from memtree.errors import MemtreeError
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+def _one_line_errors(func: F) -> F:
+    """Report memtree, Alembic and database errors as one line and exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (MemtreeError, CommandError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+        except sa_exc.ArgumentError as exc:
+            raise click.ClickException(f"bad database URL: {exc}") from None
+        except sa_exc.DBAPIError as exc:
+            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise click.ClickException(f"database error: {detail}") from None
+        except ModuleNotFoundError as exc:
+            raise click.ClickException(f"a database driver is missing: {exc.name}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Context:
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def engine(self) -> Engine:
+        return create_engine(self.database_url)
+
+
+database_url_option = click.option(
+    "--database-url",
+    envvar="MEMTREE_DATABASE_URL",
+    default=DEFAULT_DATABASE_URL,
+    show_default=True,
+    help="SQLAlchemy URL of the database (env MEMTREE_DATABASE_URL).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@database_url_option
+@click.version_option(package_name="memtree")
+@click.pass_context
+def main(ctx: click.Context, database_url: str) -> None:
+    """memtree: a durable job queue in your application's own SQL database."""
+    ctx.obj = Context(database_url)
+
+
+@main.group()
+def db() -> None:
+    """Manage memtree's schema (its own Alembic history and version table)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@click.pass_obj
+@_one_line_errors
+def upgrade(obj: Context, revision: str) -> None:
+    """Migrate to REVISION (default: head), adopting an original TinyCortex table."""
+    engine = obj.engine()
+    try:
+        adopted = migration.upgrade(engine, revision)
+        if adopted:
+            click.echo(f"adopted the original's mem_tree_jobs table at {adopted}")
+        click.echo(f"{_safe_url(obj.database_url)} is at {migration.current(engine)}")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@click.argument("revision")
+@click.pass_obj
+@_one_line_errors
+def downgrade(obj: Context, revision: str) -> None:
+    """Step the schema down to REVISION (``base`` drops memtree's table)."""
+    engine = obj.engine()
+    try:
+        migration.downgrade(engine, revision)
+        click.echo(f"{_safe_url(obj.database_url)} is at {migration.current(engine) or 'base'}")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@click.pass_obj
+@_one_line_errors
+def current(obj: Context) -> None:
+    """Print the database's memtree revision."""
+    engine = obj.engine()
+    try:
+        with engine.connect() as conn:
+            revision = migration.schema_revision(conn)
+        head = migration.head_revision()
+        state = "head" if revision == head else f"head is {head}"
+        click.echo(f"{revision or 'none'} ({state})")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@_one_line_errors
+def history() -> None:
+    """List memtree's revisions, newest first."""
+    for revision in migration.revisions():
+        click.echo(revision)
+
+
+@db.command()
+@click.pass_obj
+@_one_line_errors
+def check(obj: Context) -> None:
+    """Fail if the database's memtree table differs from this memtree's models."""
+    engine = obj.engine()
+    try:
+        migration.check(engine)
+        click.echo("no drift: the database matches memtree's models")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@click.argument("revision", default="head")
+@click.option("--from", "start", default=None, help="Start revision (default: empty database).")
+@click.pass_obj
+@_one_line_errors
+def sql(obj: Context, revision: str, start: str | None) -> None:
+    """Print the DDL of an upgrade, for DBAs who apply it by hand (no connection made)."""
+    url = normalize_url(obj.database_url).render_as_string(hide_password=False)
+    click.echo(migration.offline_sql(url, revision, start), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(prog_name=os.path.basename(sys.argv[0])))
