@@ -21,6 +21,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.operations import ops
+from alembic.operations.ops import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, String, column, inspect, select, text
@@ -43,6 +45,7 @@ __all__ = [
     "revisions",
     "schema_revision",
     "script_location",
+    "tolerate_sqlite_nullable_primary_key",
     "upgrade",
     "version_location",
 ]
@@ -87,6 +90,39 @@ def include_object(
     return True
 
 
+def tolerate_sqlite_nullable_primary_key(
+    context: MigrationContext, _revision: object, directives: list[MigrationScript]
+) -> None:
+    """A ``process_revision_directives`` hook: ignore the nullability of SQLite's text key.
+
+    SQLite lets a non-INTEGER ``PRIMARY KEY`` hold NULL, so the original's
+    ``id TEXT PRIMARY KEY`` reflects as nullable while memtree's model says NOT NULL.
+    memtree always writes an id, so the difference is not drift worth a rebuild.
+    """
+    if context.dialect.name != "sqlite":
+        return
+    for script in directives:
+        for upgrade_ops in script.upgrade_ops_list:
+            kept = []
+            for table_ops in upgrade_ops.ops:
+                if isinstance(table_ops, ops.ModifyTableOps) and table_ops.table_name == TABLE_NAME:
+                    table_ops.ops = [
+                        op
+                        for op in table_ops.ops
+                        if not (
+                            isinstance(op, ops.AlterColumnOp)
+                            and op.column_name == "id"
+                            and op.modify_nullable is False
+                            and op.modify_type is None
+                            and op.modify_server_default is False
+                        )
+                    ]
+                    if not table_ops.ops:
+                        continue
+                kept.append(table_ops)
+            upgrade_ops.ops = kept
+
+
 def alembic_config(url: str | None = None, connection: Connection | None = None) -> Config:
     """An Alembic ``Config`` for memtree's environment, bound to a URL or an open connection."""
     config = Config(stdout=io.StringIO())
@@ -129,7 +165,15 @@ def _migration_transaction(engine: Engine) -> Iterator[Connection]:
 def _adopt(conn: Connection, config: Config) -> str | None:
     """Stamp the revision an unversioned original table matches; None when nothing to adopt."""
     inspector = inspect(conn)
-    if inspector.has_table(VERSION_TABLE) or not inspector.has_table(TABLE_NAME):
+    if inspector.has_table(VERSION_TABLE):
+        return None
+    managed = schema_revision(conn)
+    if managed is not None:
+        raise SchemaError(
+            f"memtree's revisions are in your application's {HOST_VERSION_TABLE} (at {managed}): "
+            "upgrade through your own Alembic history, not memtree's"
+        )
+    if not inspector.has_table(TABLE_NAME):
         return None
     columns = {column["name"] for column in inspector.get_columns(TABLE_NAME)}
     if "lease_token" in columns:

@@ -16,7 +16,11 @@ from typing import Any
 from alembic import context
 from sqlalchemy import create_engine
 
-from memtree.migration import VERSION_TABLE, include_object
+from memtree.migration import (
+    VERSION_TABLE,
+    include_object,
+    tolerate_sqlite_nullable_primary_key,
+)
 from memtree.models import Base
 
 config = context.config
@@ -28,6 +32,7 @@ options: dict[str, Any] = {
     "include_object": include_object,
     "compare_type": True,
     "render_as_batch": True,
+    "process_revision_directives": tolerate_sqlite_nullable_primary_key,
 }
 
 
