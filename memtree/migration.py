@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
+from alembic.autogenerate import produce_migrations
 from alembic.config import Config
 from alembic.operations import ops
 from alembic.operations.ops import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, String, column, inspect, select, text
 from sqlalchemy import table as table_clause
 
 from memtree.errors import SchemaError
-from memtree.models import TABLE_NAME
+from memtree.models import TABLE_NAME, Base
 
 __all__ = [
     "BRANCH_LABEL",
@@ -228,9 +230,27 @@ def schema_revision(conn: Connection) -> str | None:
 
 
 def check(engine: Engine) -> None:
-    """Raise ``alembic.util.CommandError`` if the database differs from the models."""
+    """Raise ``alembic.util.CommandError`` if the database differs from the models.
+
+    Works on memtree's own history and on a schema the host's history manages.
+    """
     with engine.connect() as conn:
-        command.check(alembic_config(connection=conn))
+        managed_by_host = not inspect(conn).has_table(VERSION_TABLE)
+        revision = schema_revision(conn) if managed_by_host else None
+        if revision is None:
+            command.check(alembic_config(connection=conn))
+            return
+        head = head_revision()
+        if revision != head:
+            raise CommandError(f"memtree's schema is at {revision}, not {head}: upgrade first")
+        context = MigrationContext.configure(
+            conn, opts={"include_object": include_object, "compare_type": True}
+        )
+        script = produce_migrations(context, Base.metadata)
+        tolerate_sqlite_nullable_primary_key(context, None, [script])
+        diffs = script.upgrade_ops_list[-1].as_diffs() if script.upgrade_ops_list else []
+        if diffs:
+            raise CommandError(f"mem_tree_jobs differs from memtree's models: {diffs}")
 
 
 def offline_sql(url: str, revision: str = "head", start: str | None = None) -> str:

@@ -120,7 +120,7 @@ def translate_errors() -> Iterator[None]:
             or "no such column: lease_token" in text
             or 'column "lease_token" does not exist' in text
             or "no such column: failure_" in text
-            or 'column "failure_' in text
+            or ('column "failure_' in text and "does not exist" in text)
         )
         if missing:
             raise SchemaMissingError(str(exc.orig).strip()) from exc
