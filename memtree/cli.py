@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from alembic.util import CommandError
@@ -160,6 +160,135 @@ def sql(obj: Context, revision: str, start: str | None) -> None:
     """Print the DDL of an upgrade, for DBAs who apply it by hand (no connection made)."""
     url = normalize_url(obj.database_url).render_as_string(hide_password=False)
     click.echo(migration.offline_sql(url, revision, start), nl=False)
+
+
+def parse_duration_ms(text: str) -> int:
+    """``250ms``, ``30s``, ``5m``, ``2h``, ``7d`` or a bare number of milliseconds."""
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    value = text.strip().lower()
+    for suffix in ("ms", "s", "m", "h", "d"):
+        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
+            return int(float(value[: -len(suffix)]) * units[suffix])
+    if value.isdigit():
+        return int(value)
+    raise click.BadParameter(f"{text!r} is not a duration such as 500ms, 30s, 5m, 2h or 7d")
+
+
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[int]
+else:  # click's ParamType is generic only for type checkers on some versions
+    _ParamType = click.ParamType
+
+
+class Duration(_ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        return parse_duration_ms(str(value))
+
+
+def load_handlers(target: str) -> Any:
+    """Import ``module:attribute`` (from the current directory too) as a handlers mapping."""
+    import importlib
+    from collections.abc import Mapping
+
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise click.ClickException(f"--app takes module:attribute, not {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot import {module_name!r} for --app: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        handlers = getattr(module, attribute)
+    except AttributeError:
+        raise click.ClickException(
+            f"module {module_name!r} has no attribute {attribute!r}"
+        ) from None
+    if callable(handlers) and not isinstance(handlers, Mapping):
+        handlers = handlers()
+    if not isinstance(handlers, Mapping):
+        raise click.ClickException(
+            f"{target} is a {type(handlers).__name__}, not a mapping of kind -> handler"
+        )
+    return handlers
+
+
+@main.command()
+@click.option("--app", "app", required=True, help="module:attribute of a kind -> handler mapping.")
+@click.option("--concurrency", default=4, show_default=True, help="Handler threads.")
+@click.option(
+    "--lease", type=Duration(), default=None, help="Lease of a claim (default: 5m), e.g. 30s."
+)
+@click.option("--poll-interval", type=float, default=None, help="Idle poll, seconds.")
+@click.option("--shutdown-grace", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option(
+    "--retention",
+    type=Duration(),
+    default="7d",
+    show_default=True,
+    help="Keep done rows this long.",
+)
+@click.option("--no-gates", is_flag=True, help="Run without the default LLM gate.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.pass_obj
+@_one_line_errors
+def worker(
+    obj: Context,
+    app: str,
+    concurrency: int,
+    lease: int | None,
+    poll_interval: float | None,
+    shutdown_grace: float,
+    retention: int,
+    no_gates: bool,
+    log_level: str,
+) -> None:
+    """Run a worker for the handlers in --app until SIGINT/SIGTERM."""
+    import logging
+
+    from memtree.queue import Queue
+    from memtree.types import DEFAULT_LOCK_DURATION_MS
+    from memtree.worker import DEFAULT_GATES, Worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    handlers = load_handlers(app)
+    engine = obj.engine()
+    queue = Queue(engine, lock_duration_ms=lease or DEFAULT_LOCK_DURATION_MS)
+    try:
+        with queue.transaction():
+            pass  # fail now, clearly, on a missing or outdated schema
+        runner = Worker(
+            queue,
+            handlers,
+            concurrency=concurrency,
+            gates=() if no_gates else DEFAULT_GATES,
+            poll_interval_s=poll_interval,
+            shutdown_grace_s=shutdown_grace,
+            retention_ms=retention,
+        )
+        click.echo(
+            f"memtree worker {runner.name} on {_safe_url(obj.database_url)}: "
+            f"{', '.join(sorted(handlers))} (concurrency {concurrency})",
+            err=True,
+        )
+        runner.run()
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":  # pragma: no cover

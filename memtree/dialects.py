@@ -11,28 +11,76 @@ of :mod:`memtree.store` and :mod:`memtree.settle`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from sqlalchemy import Insert, Select, Update, insert, text, update
+from sqlalchemy import (
+    BindParameter,
+    Executable,
+    Insert,
+    Select,
+    Text,
+    Update,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from memtree.errors import UnsupportedDatabaseError
 from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs
 
-__all__ = ["Dialect", "PostgresDialect", "SQLiteDialect", "dialect_for"]
+__all__ = [
+    "INSERT_COLUMNS",
+    "NOTIFY_CHANNEL",
+    "Dialect",
+    "PostgresDialect",
+    "SQLiteDialect",
+    "dialect_for",
+]
+
+
+#: The PostgreSQL channel enqueues notify and idle workers listen on; the payload is the kind.
+NOTIFY_CHANNEL = "memtree_jobs"
+
+#: The columns an enqueue writes; every other column takes its default.
+INSERT_COLUMNS = (
+    "id",
+    "kind",
+    "payload_json",
+    "dedupe_key",
+    "status",
+    "attempts",
+    "max_attempts",
+    "available_at_ms",
+    "created_at_ms",
+)
 
 
 class Dialect:
-    """The per-database strategy: how to insert-unless-deduped and how to claim."""
+    """The per-database strategy: how to insert-unless-deduped, claim, and wake workers."""
 
     name: ClassVar[str]
     #: Whether claims lock their rows and skip rows other transactions hold.
     skip_locked: ClassVar[bool] = False
+    #: Whether enqueues notify listening workers (at commit) through the database.
+    notifies: ClassVar[bool] = False
 
     def insert_unless_active_key(self) -> Insert:
         """An INSERT that silently does nothing when the dedupe key is active."""
         raise NotImplementedError
+
+    def enqueue_one(self) -> Executable:
+        """One job in, returning its id when inserted (and notifying, where the database can)."""
+        return self.insert_unless_active_key().values(_insert_binds()).returning(jobs.c.id)
+
+    def notify(self) -> Executable | None:
+        """A statement that wakes listening workers for the kind in ``:kind``, if any."""
+        return None
 
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         """An UPDATE that applies ``values`` to the rows ``picked`` selects, returning them."""
@@ -58,6 +106,21 @@ class PostgresDialect(Dialect):
 
     name = "postgresql"
     skip_locked = True
+    notifies = True
+
+    def enqueue_one(self) -> Executable:
+        # Insert and NOTIFY in one round trip; NOTIFY is delivered when the caller's
+        # transaction commits, and only for a row that was really inserted.
+        inserted = (
+            self.insert_unless_active_key()
+            .values(_insert_binds())
+            .returning(jobs.c.id, jobs.c.kind)
+            .cte("inserted")
+        )
+        return select(inserted.c.id, func.pg_notify(literal(NOTIFY_CHANNEL), inserted.c.kind))
+
+    def notify(self) -> Executable:
+        return select(func.pg_notify(literal(NOTIFY_CHANNEL), bindparam("kind", type_=Text)))
 
     def insert_unless_active_key(self) -> Insert:
         # The conflict target names the partial index by its literal predicate, so the
@@ -74,6 +137,10 @@ class PostgresDialect(Dialect):
 
 
 _DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLiteDialect(), PostgresDialect())}
+
+
+def _insert_binds() -> dict[str, BindParameter[Any]]:
+    return {name: bindparam(name, type_=jobs.c[name].type) for name in INSERT_COLUMNS}
 
 
 def dialect_for(name: str) -> Dialect:

@@ -32,7 +32,7 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # memtree issues BEGIN itself (below); the driver's implicit BEGIN would be
@@ -40,7 +40,7 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if engine.url.database not in (None, "", ":memory:"):
                 cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
@@ -55,11 +55,15 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 
 
 def create_engine(
-    url: str | URL = DEFAULT_DATABASE_URL, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any
+    url: str | URL = DEFAULT_DATABASE_URL,
+    *,
+    sqlite_synchronous: str = "NORMAL",
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+    **kwargs: Any,
 ) -> Engine:
     """A SQLAlchemy engine set up for memtree (and safe for the application's own use).
 
-    SQLite gets WAL, a 15 s busy timeout, ``synchronous`` as given (``NORMAL`` keeps
+    SQLite gets WAL, a busy timeout (15 s by default), ``synchronous`` as given (``NORMAL`` keeps
     every commit across a process crash; ``FULL`` also across power loss) and
     ``BEGIN IMMEDIATE`` transactions. ``postgresql://`` URLs use psycopg 3.
     """
@@ -74,5 +78,5 @@ def create_engine(
         kwargs.setdefault("pool_pre_ping", True)
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, synchronous)
+        _configure_sqlite(engine, synchronous, int(sqlite_busy_timeout_ms))
     return engine

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import URL, Connection, Engine
 
-from memtree import migration, settle, store
+from memtree import migration, settle, store, wakeup
 from memtree.dialects import dialect_for
 from memtree.engine import create_engine
 from memtree.errors import (
@@ -202,17 +202,23 @@ class Queue:
     def enqueue(self, job: NewJob) -> str | None:
         """Insert one job; its id, or None when its dedupe key is active."""
         with self.transaction() as conn:
-            return store.enqueue(
+            job_id = store.enqueue(
                 conn, job, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
             )
+        if job_id is not None:
+            wakeup.signal(self.engine)
+        return job_id
 
     def enqueue_many(self, jobs: Iterable[NewJob]) -> list[str | None]:
         """Insert many jobs in one transaction; None where dedupe suppressed one."""
         batch = list(jobs)
         with self.transaction() as conn:
-            return store.enqueue_many(
+            ids = store.enqueue_many(
                 conn, batch, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
             )
+        if any(ids):
+            wakeup.signal(self.engine)
+        return ids
 
     # -- claim -------------------------------------------------------------------------
 
@@ -248,9 +254,23 @@ class Queue:
     def mark_done(self, job: Job, followups: Sequence[NewJob] = ()) -> bool:
         """``done``, with ``followups`` enqueued atomically; False if the lease was lost."""
         with self.transaction() as conn:
-            return settle.mark_done(
+            settled = settle.mark_done(
                 conn, job, followups, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
             )
+        if settled and followups:
+            wakeup.signal(self.engine)
+        return settled
+
+    def mark_done_many(self, done: Sequence[tuple[Job, Sequence[NewJob]]]) -> set[str]:
+        """Settle many claims ``done`` in one transaction, each fenced to its own lease;
+        returns the ids settled (the others' leases were lost)."""
+        with self.transaction() as conn:
+            settled = settle.mark_done_many(
+                conn, done, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
+            )
+        if any(followups for job, followups in done if job.id in settled):
+            wakeup.signal(self.engine)
+        return settled
 
     def mark_failed(
         self, job: Job, error: object, failure: JobFailure | BaseException | None = None
@@ -285,23 +305,55 @@ class Queue:
         with self.transaction() as conn:
             return settle.extend_lease(conn, job, now_ms=self.now_ms(), lock_duration_ms=lease)
 
+    def extend_leases(self, held: Sequence[Job], lock_duration_ms: int | None = None) -> set[str]:
+        """Heartbeat many claims at once; returns the ids whose lease is still held."""
+        lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
+        if not held:
+            return set()
+        with self.transaction() as conn:
+            return settle.extend_leases(conn, held, now_ms=self.now_ms(), lock_duration_ms=lease)
+
     # -- maintenance -------------------------------------------------------------------
+
+    def _made_ready(self, count: int) -> int:
+        if count:
+            wakeup.signal(self.engine)
+        return count
 
     def recover_stale_locks(self) -> int:
         with self.transaction() as conn:
-            return settle.recover_stale_locks(conn, now_ms=self.now_ms())
+            count = settle.recover_stale_locks(conn, now_ms=self.now_ms())
+        return self._made_ready(count)
 
     def release_running_locks(self, held: Sequence[Job] | None = None) -> int:
         with self.transaction() as conn:
-            return settle.release_running_locks(conn, held)
+            count = settle.release_running_locks(conn, held)
+        return self._made_ready(count)
 
     def requeue_failed(self) -> int:
         with self.transaction() as conn:
-            return settle.requeue_failed(conn, now_ms=self.now_ms())
+            count = settle.requeue_failed(conn, now_ms=self.now_ms())
+        return self._made_ready(count)
 
     def requeue_transient_failed(self) -> int:
         with self.transaction() as conn:
-            return settle.requeue_transient_failed(conn, now_ms=self.now_ms())
+            count = settle.requeue_transient_failed(conn, now_ms=self.now_ms())
+        return self._made_ready(count)
+
+    def next_due_ms(self, kinds: Iterable[str] | None = None) -> int | None:
+        """When the earliest ready job (of ``kinds``) is due; None when nothing is ready."""
+        with self.transaction() as conn:
+            return store.next_due_ms(conn, _kinds(kinds))
+
+    def prune(self, status: JobStatus | str, completed_before_ms: int, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` terminal rows of ``status`` completed before the cutoff."""
+        with self.transaction() as conn:
+            return store.prune(
+                conn,
+                status=JobStatus(status),
+                completed_before_ms=completed_before_ms,
+                limit=_positive_int("limit", limit),
+            )
 
     def purge_retired_jobs(self) -> int:
         with self.transaction() as conn:
@@ -332,7 +384,10 @@ class Queue:
 def enqueue(executor: Executor, job: NewJob, *, now_ms: int | None = None) -> str | None:
     """Enqueue inside the caller's ``Session`` or ``Connection``; commits with it, or never."""
     with store.translate_errors():
-        return store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
+        job_id = store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
+    if job_id is not None:
+        wakeup.after_commit(executor)
+    return job_id
 
 
 def enqueue_many(
@@ -340,9 +395,12 @@ def enqueue_many(
 ) -> list[str | None]:
     """:func:`enqueue` for many jobs, with the same per-position dedupe result as the queue's."""
     with store.translate_errors():
-        return store.enqueue_many(
+        ids = store.enqueue_many(
             executor, list(jobs), now_ms=wall_clock_ms() if now_ms is None else now_ms
         )
+    if any(ids):
+        wakeup.after_commit(executor)
+    return ids
 
 
 def mark_done(
@@ -351,9 +409,12 @@ def mark_done(
     """Settle ``done`` inside the caller's transaction, so its writes and the completion
     commit together; False (and nothing enqueued) when the lease was lost."""
     with store.translate_errors():
-        return settle.mark_done(
+        settled = settle.mark_done(
             executor, job, followups, now_ms=wall_clock_ms() if now_ms is None else now_ms
         )
+    if settled and followups:
+        wakeup.after_commit(executor)
+    return settled
 
 
 async def enqueue_async(

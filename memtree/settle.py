@@ -28,6 +28,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -52,8 +53,10 @@ from memtree.types import (
 __all__ = [
     "error_text",
     "extend_lease",
+    "extend_leases",
     "mark_deferred",
     "mark_done",
+    "mark_done_many",
     "mark_failed",
     "recover_stale_locks",
     "release_running_locks",
@@ -65,6 +68,9 @@ NULL: ColumnClause[Any] = literal_column("NULL")
 DONE: ColumnClause[str] = literal_column("'done'")
 UNRECOVERABLE: ColumnClause[str] = literal_column("'unrecoverable'")
 TRANSIENT: ColumnClause[str] = literal_column("'transient'")
+
+# Claims per batched settle statement: well under SQLite's bound-parameter limit.
+_SETTLE_CHUNK = 400
 
 # Attempts at a requeue that lost a race for a dedupe key on PostgreSQL; each retry
 # sees the winner and leaves that key alone, so a second attempt already succeeds.
@@ -202,6 +208,73 @@ def mark_done(
             executor, list(followups), now_ms=now_ms, default_max_attempts=default_max_attempts
         )
     return True
+
+
+def _held(held: Sequence[Job]) -> ColumnElement[bool]:
+    """The rows still running under exactly these claims (tokens are unique per claim)."""
+    return and_(
+        jobs.c.status == RUNNING,
+        tuple_(jobs.c.id, jobs.c.lease_token).in_([(job.id, job.lease_token) for job in held]),
+    )
+
+
+def mark_done_many(
+    executor: Executor,
+    done: Sequence[tuple[Job, Sequence[NewJob]]],
+    *,
+    now_ms: int,
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> set[str]:
+    """Settle many claims ``done`` in one statement, each fenced to its own lease, and
+    enqueue the follow-ups of those that matched. Returns the ids settled.
+
+    This is the worker's batched completer: jobs whose handlers wrote nothing through
+    the settlement session share one transaction instead of paying for one each.
+    """
+    claims = [(job, followups) for job, followups in done if job.lease_token is not None]
+    settled: set[str] = set()
+    for start in range(0, len(claims), _SETTLE_CHUNK):
+        chunk = claims[start : start + _SETTLE_CHUNK]
+        statement = (
+            update(jobs)
+            .where(_held([job for job, _ in chunk]))
+            .values(status=DONE, completed_at_ms=now_ms, locked_until_ms=NULL, last_error=NULL)
+            .returning(jobs.c.id)
+        )
+        settled.update(executor.execute(statement).scalars())
+    # Jobs the original crate claimed carry no token: fence them one by one.
+    for job, _ in done:
+        if job.lease_token is None and mark_done(executor, job, (), now_ms=now_ms):
+            settled.add(job.id)
+    followups = [new for job, news in done if job.id in settled for new in news]
+    if followups:
+        store.enqueue_many(
+            executor, followups, now_ms=now_ms, default_max_attempts=default_max_attempts
+        )
+    return settled
+
+
+def extend_leases(
+    executor: Executor, held: Sequence[Job], *, now_ms: int, lock_duration_ms: int
+) -> set[str]:
+    """Heartbeat many claims in one statement; returns the ids whose lease is still held."""
+    until = store.saturating(now_ms + lock_duration_ms)
+    kept: set[str] = set()
+    claims = [job for job in held if job.lease_token is not None]
+    for start in range(0, len(claims), _SETTLE_CHUNK):
+        statement = (
+            update(jobs)
+            .where(_held(claims[start : start + _SETTLE_CHUNK]))
+            .values(locked_until_ms=until)
+            .returning(jobs.c.id)
+        )
+        kept.update(executor.execute(statement).scalars())
+    for job in held:
+        if job.lease_token is None and extend_lease(
+            executor, job, now_ms=now_ms, lock_duration_ms=lock_duration_ms
+        ):
+            kept.add(job.id)
+    return kept
 
 
 def mark_failed(

@@ -75,6 +75,8 @@ __all__ = [
     "get_job",
     "job_from_row",
     "new_job_id",
+    "next_due_ms",
+    "prune",
     "purge_retired_jobs",
     "rowcount",
     "saturating",
@@ -151,9 +153,14 @@ def _checked(job: object) -> NewJob:
 
 
 @cache
-def _insert_statement(dialect_name: str) -> Any:
+def _enqueue_one_statement(dialect_name: str) -> Any:
     # RETURNING, not rowcount: drivers disagree on the rowcount of a skipped insert.
-    return dialect_for(dialect_name).insert_unless_active_key().returning(jobs.c.id)
+    return dialect_for(dialect_name).enqueue_one()
+
+
+@cache
+def _insert_many_statement(dialect_name: str) -> Any:
+    return dialect_for(dialect_name).insert_unless_active_key().returning(jobs.c.id, jobs.c.kind)
 
 
 def enqueue(
@@ -166,8 +173,8 @@ def enqueue(
     """Insert one ``ready`` job; None when its dedupe key is already active."""
     job = _checked(job)
     params = _insert_params(job, now_ms, default_max_attempts)
-    inserted = executor.execute(_insert_statement(dialect_of(executor).name), params).scalar()
-    return None if inserted is None else str(inserted)
+    inserted = executor.execute(_enqueue_one_statement(dialect_of(executor).name), params).first()
+    return None if inserted is None else str(inserted[0])
 
 
 async def enqueue_async(
@@ -183,9 +190,9 @@ async def enqueue_async(
     job = _checked(job)
     bind = executor.get_bind() if isinstance(executor, AsyncSession) else executor
     params = _insert_params(job, now_ms, default_max_attempts)
-    result = await executor.execute(_insert_statement(dialect_for(bind.dialect.name).name), params)
-    inserted = result.scalar()
-    return None if inserted is None else str(inserted)
+    result = await executor.execute(_enqueue_one_statement(bind.dialect.name), params)
+    inserted = result.first()
+    return None if inserted is None else str(inserted[0])
 
 
 def enqueue_many(
@@ -214,11 +221,18 @@ def enqueue_many(
                 continue
             seen.add(key)
         to_insert.append(row)
-    statement = _insert_statement(dialect_of(executor).name)
+    dialect = dialect_of(executor)
+    statement = _insert_many_statement(dialect.name)
     inserted: set[str] = set()
+    kinds: set[str] = set()
     for start in range(0, len(to_insert), _INSERT_CHUNK):
         chunk = to_insert[start : start + _INSERT_CHUNK]
-        inserted.update(executor.execute(statement, chunk).scalars())
+        for job_id, kind in executor.execute(statement, chunk):
+            inserted.add(job_id)
+            kinds.add(kind)
+    notify = dialect.notify()
+    if notify is not None and kinds:
+        executor.execute(notify, [{"kind": kind} for kind in sorted(kinds)])
     return [row["id"] if row["id"] in inserted else None for row in params]
 
 
@@ -316,6 +330,58 @@ def claim(
 def saturating(value: int) -> int:
     """``value`` clamped to the signed 64-bit range the time columns hold."""
     return max(min(value, 2**63 - 1), -(2**63))
+
+
+@lru_cache(maxsize=256)
+def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
+    if kinds is None:
+        earliest = (
+            select(func.min(jobs.c.available_at_ms))
+            .where(jobs.c.status == READY)
+            .where(jobs.c.kind.not_in(RETIRED_JOB_KINDS))
+        )
+        return earliest
+    # One MIN per kind: each is the first entry of that kind in the claim index.
+    per_kind = union_all(
+        *(
+            select(func.min(jobs.c.available_at_ms).label("due"))
+            .where(jobs.c.status == READY)
+            .where(jobs.c.kind == kind)
+            for kind in kinds
+        )
+    ).subquery()
+    return select(func.min(per_kind.c.due))
+
+
+def next_due_ms(executor: Executor, kinds: tuple[str, ...] | None = None) -> int | None:
+    """When the earliest ready job of ``kinds`` is due (maybe in the past); None if none is
+    ready. A read: idle workers poll with it instead of attempting a claim, which writes."""
+    if kinds is not None:
+        kinds = tuple(sorted({k for k in kinds if k not in RETIRED_JOB_KINDS}))
+        if not kinds:
+            return None
+    due = executor.execute(_next_due_statement(kinds)).scalar()
+    return None if due is None else int(due)
+
+
+def prune(
+    executor: Executor, *, status: JobStatus, completed_before_ms: int, limit: int = 10_000
+) -> int:
+    """Delete up to ``limit`` terminal rows of ``status`` completed before the cutoff.
+
+    Bounded, so a retention pass over millions of rows never holds locks for long;
+    call it until it returns less than ``limit``.
+    """
+    if not status.is_terminal:
+        raise InvalidJobError(f"only terminal statuses can be pruned, not {status.value!r}")
+    doomed = (
+        select(jobs.c.id)
+        .where(jobs.c.status == status.value)
+        .where(jobs.c.completed_at_ms < completed_before_ms)
+        .limit(limit)
+        .scalar_subquery()
+    )
+    return rowcount(executor.execute(delete(jobs).where(jobs.c.id.in_(doomed))))
 
 
 # -- reads ---------------------------------------------------------------------------

@@ -1,0 +1,698 @@
+"""The worker: claims the kinds it has handlers for, runs them in threads, settles them.
+
+One loop thread owns the queue's rhythm: it settles finished jobs in batches, extends
+the leases of running ones (the heartbeat), runs maintenance on its intervals, and
+claims exactly as many jobs as it has free slots and gate permits. Handlers run in
+``concurrency`` daemon threads. The worker never builds a statement: every read and
+write goes through :class:`memtree.Queue` and the store/settle functions.
+
+Completion is transactional. A handler that touches ``ctx.session`` has its writes,
+its follow-up jobs and ``mark_done`` committed in that one session, fenced to its
+lease; a handler that raises or defers has its session rolled back. A handler that
+never touches the session is settled with others in one batched statement.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue as queue_module
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeAlias
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from memtree import settle, wakeup
+from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
+from memtree.queue import Queue
+from memtree.redact import scrub
+from memtree.types import Job, JobKind, NewJob, check_kind
+
+__all__ = [
+    "DEFAULT_GATES",
+    "Defer",
+    "Gate",
+    "Handler",
+    "Handlers",
+    "JobContext",
+    "Worker",
+    "classify_error",
+]
+
+log = logging.getLogger("memtree.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Returned by a handler: not now. Reschedules without spending an attempt.
+
+    Give exactly one of ``until_ms`` (epoch ms) or ``delay_ms`` (from now).
+    """
+
+    until_ms: int | None = None
+    delay_ms: int | None = None
+    reason: str = "deferred"
+
+    def __post_init__(self) -> None:
+        if (self.until_ms is None) == (self.delay_ms is None):
+            raise ConfigurationError("Defer needs exactly one of until_ms or delay_ms")
+        for name in ("until_ms", "delay_ms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigurationError(f"Defer.{name} must be an int, not {value!r}")
+
+    def resolve(self, now_ms: int) -> int:
+        return self.until_ms if self.until_ms is not None else now_ms + (self.delay_ms or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A concurrency limit shared by kinds: at most ``limit`` of them run at once here."""
+
+    name: str
+    limit: int
+    kinds: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigurationError(f"gate {self.name!r} needs a limit >= 1, not {self.limit!r}")
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+
+
+#: The original's LLM gate: one LLM-bound job at a time per worker.
+DEFAULT_GATES: tuple[Gate, ...] = (
+    Gate(
+        "llm",
+        1,
+        (JobKind.EXTRACT_CHUNK, JobKind.SEAL, JobKind.REEMBED_BACKFILL, JobKind.SEAL_DOCUMENT),
+    ),
+)
+
+
+class JobContext:
+    """What a handler gets: the job, its payload, a settlement session, follow-ups."""
+
+    def __init__(
+        self,
+        job: Job,
+        queue: Queue,
+        session_factory: Callable[[], Session],
+        logger: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.job = job
+        self.queue = queue
+        self.log = logger
+        #: Set when the heartbeat finds the lease gone: this run will not be settled.
+        self.lease_lost = threading.Event()
+        self._session_factory = session_factory
+        self._session: Session | None = None
+        self._followups: list[NewJob] = []
+
+    @cached_property
+    def payload(self) -> Any:
+        """The job's payload, parsed."""
+        return self.job.payload
+
+    @property
+    def session(self) -> Session:
+        """A ``Session`` whose transaction is also the job's settlement: its writes commit
+        with ``mark_done`` (and only if the lease still holds), or not at all."""
+        if self._session is None:
+            self._session = self._session_factory()
+        return self._session
+
+    @property
+    def uses_session(self) -> bool:
+        return self._session is not None
+
+    def enqueue(self, job: NewJob) -> None:
+        """Enqueue a follow-up job when this one completes (atomically with it)."""
+        if not isinstance(job, NewJob):
+            raise TypeError(f"ctx.enqueue takes a NewJob, not {type(job).__name__}")
+        self._followups.append(job)
+
+    def now_ms(self) -> int:
+        return self.queue.now_ms()
+
+    def _close(self, *, commit: bool) -> None:
+        if self._session is None:
+            return
+        try:
+            if commit:
+                self._session.commit()
+            else:
+                self._session.rollback()
+        finally:
+            self._session.close()
+
+
+Handler: TypeAlias = Callable[[JobContext], "Defer | None"]
+
+
+class Handlers(dict[str, Handler]):
+    """A kind → handler mapping with a decorator to fill it::
+
+    handlers = Handlers()
+
+    @handlers.register("send_email")
+    def send_email(ctx: JobContext) -> None: ...
+    """
+
+    def register(self, kind: str) -> Callable[[Handler], Handler]:
+        check_kind(kind)
+
+        def decorate(handler: Handler) -> Handler:
+            if kind in self:
+                raise ConfigurationError(f"a handler for {kind!r} is already registered")
+            self[kind] = handler
+            return handler
+
+        return decorate
+
+
+def classify_error(error: BaseException) -> tuple[str, float]:
+    """How the loop backs off after a database error: (label, seconds), the original's table."""
+    cause: BaseException = error
+    while isinstance(cause, DatabaseError | MemtreeError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, sa_exc.DBAPIError) and cause.orig is not None:
+        cause = cause.orig
+    text = f"{type(cause).__name__} {cause}".lower()
+    if "disk is full" in text or "no space left" in text or "diskfull" in text:
+        return "disk full", 30.0
+    if "locked" in text or "busy" in text:
+        return "busy", 0.1
+    operational = isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
+        isinstance(error.__cause__, sa_exc.OperationalError | sa_exc.InterfaceError)
+    )
+    if operational or "i/o" in text or "connection" in text or "server closed" in text:
+        return "I/O", 1.0
+    return "other", 0.5
+
+
+@dataclass
+class _Running:
+    job: Job
+    context: JobContext
+    gate: Gate | None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Works a :class:`Queue` with ``handlers`` (kind → handler).
+
+    - ``concurrency``: handler threads; the worker never holds more claims than this.
+    - ``gates``: concurrency limits shared by kinds (the LLM gate by default; ``()`` for none).
+    - ``lock_duration_ms``: the lease of a claim (the queue's by default), extended every
+      ``heartbeat_interval_ms`` (a third of the lease by default) while a handler runs.
+    - ``poll_interval_s``: how soon an idle worker notices work another process enqueued
+      (0.25 s on SQLite; 1 s on PostgreSQL, where NOTIFY wakes it at once anyway).
+    - ``shutdown_grace_s``: how long a stopping worker waits for running handlers.
+    - ``recover_interval_s``, ``self_heal_interval_s``, ``retention_ms`` (``None`` keeps
+      done rows), ``prune_interval_s``: maintenance.
+    - ``session_factory``: builds ``ctx.session``; a ``Session`` on the queue's engine by default.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handlers: Mapping[str, Handler],
+        *,
+        concurrency: int = 4,
+        gates: Iterable[Gate] = DEFAULT_GATES,
+        lock_duration_ms: int | None = None,
+        heartbeat_interval_ms: int | None = None,
+        poll_interval_s: float | None = None,
+        shutdown_grace_s: float = 30.0,
+        recover_interval_s: float = 30.0,
+        self_heal_interval_s: float = 600.0,
+        flush_stale_interval_s: float = 60.0,
+        retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
+        prune_interval_s: float = 600.0,
+        session_factory: Callable[[], Session] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(queue, Queue):
+            raise ConfigurationError("Worker needs a memtree.Queue")
+        if not isinstance(handlers, Mapping) or not handlers:
+            raise ConfigurationError("Worker needs a non-empty mapping of kind -> handler")
+        for kind, handler in handlers.items():
+            try:
+                check_kind(kind)
+            except ValueError as exc:
+                raise ConfigurationError(f"handler kind: {exc}") from None
+            if not callable(handler):
+                raise ConfigurationError(f"the handler for {kind!r} is not callable")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        self.queue = queue
+        self.handlers: dict[str, Handler] = dict(handlers)
+        self.concurrency = concurrency
+        self.lock_duration_ms = lock_duration_ms or queue.lock_duration_ms
+        if self.lock_duration_ms < 1:
+            raise ConfigurationError("lock_duration_ms must be > 0")
+        self.heartbeat_interval_ms = heartbeat_interval_ms or max(self.lock_duration_ms // 3, 1)
+        if self.heartbeat_interval_ms >= self.lock_duration_ms:
+            raise ConfigurationError("heartbeat_interval_ms must be shorter than the lease")
+        on_pg = queue.dialect.notifies
+        self.poll_interval_s = poll_interval_s or (1.0 if on_pg else 0.25)
+        self.shutdown_grace_s = shutdown_grace_s
+        self.intervals = {
+            "recover": recover_interval_s,
+            "self_heal": self_heal_interval_s,
+            "flush_stale": flush_stale_interval_s,
+            "prune": prune_interval_s,
+        }
+        self.retention_ms = retention_ms
+        self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        self._session_factory = session_factory or sessionmaker(bind=queue.engine)
+
+        self.gates = tuple(gates)
+        self._gate_of: dict[str, Gate] = {}
+        for gate in self.gates:
+            for kind in gate.kinds:
+                if kind in self._gate_of:
+                    raise ConfigurationError(f"kind {kind!r} is in two gates")
+                self._gate_of[kind] = gate
+        order = {kind: i for i, kind in enumerate(queue.claim_order)}
+        # Claim groups: one per gate (its handled kinds), then the ungated kinds.
+        groups: list[tuple[Gate | None, tuple[str, ...]]] = []
+        for gate in self.gates:
+            kinds = tuple(k for k in gate.kinds if k in self.handlers)
+            if kinds:
+                groups.append((gate, kinds))
+        ungated = tuple(k for k in self.handlers if k not in self._gate_of)
+        if ungated:
+            groups.append((None, ungated))
+        groups.sort(key=lambda g: min(order.get(k, len(order)) for k in g[1]))
+        self._groups = groups
+
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._running: dict[str, _Running] = {}
+        self._gate_busy: dict[str, int] = {gate.name: 0 for gate in self.gates}
+        self._completed: list[tuple[Job, list[NewJob]]] = []
+        self._tasks: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._settled = 0
+        self._due: dict[str, float] = {}
+        self._next_heartbeat = 0.0
+        self._listener: wakeup.Listener | None = None
+        self._signals = 0
+
+    # -- public ------------------------------------------------------------------------
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Work until :meth:`stop` or SIGINT/SIGTERM; then shut down gracefully."""
+        restore = self._install_signals() if install_signal_handlers else {}
+        try:
+            self._start(listen=True)
+            self._guarded(self.queue.purge_retired_jobs, "purge retired jobs")
+            self._loop(until_idle=False)
+        finally:
+            self._shutdown()
+            for signum, previous in restore.items():
+                signal.signal(signum, previous)
+
+    def run_until_idle(self) -> int:
+        """Work until no job is due and none is running; return how many jobs were settled."""
+        self._stopping.clear()
+        before = self._settled
+        self._start(listen=False)
+        try:
+            self._loop(until_idle=True)
+        finally:
+            self._flush_completed()
+            wakeup.unsubscribe(self.queue.engine, self._wake)
+        return self._settled - before
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns once running handlers finish or the grace ends."""
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        with self._lock:
+            return [entry.job for entry in self._running.values()]
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _start(self, *, listen: bool) -> None:
+        wakeup.subscribe(self.queue.engine, self._wake)
+        while len(self._threads) < self.concurrency:
+            thread = threading.Thread(
+                target=self._serve, name=f"memtree-handler-{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        if listen and self.queue.dialect.notifies and self._listener is None:
+            self._listener = wakeup.Listener(self.queue.engine, self._on_notify)
+            self._listener.start()
+
+    def _on_notify(self, kind: str) -> None:
+        if kind in self.handlers:
+            self._wake.set()
+
+    def _loop(self, *, until_idle: bool) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self._flush_completed()
+            self._heartbeat()
+            if not until_idle:
+                self._maintain()
+            if self._claim():
+                continue
+            with self._lock:
+                busy = bool(self._running) or bool(self._completed)
+            timeout = self._idle_timeout()
+            if until_idle and not busy and (timeout is None or timeout > 0):
+                return
+            self._wake.wait(self.poll_interval_s if timeout is None else timeout)
+
+    def _free_slots(self) -> int:
+        with self._lock:
+            return self.concurrency - len(self._running)
+
+    def _claim(self) -> int:
+        """Claim up to the free slots, group by group, never past a gate's free permits."""
+        claimed = 0
+        for gate, kinds in self._groups:
+            free = self._free_slots()
+            if free <= 0 or self._stopping.is_set():
+                break
+            if gate is not None:
+                with self._lock:
+                    free = min(free, gate.limit - self._gate_busy[gate.name])
+                if free <= 0:
+                    continue  # a full gate: its kinds are not claimed, nothing spins
+            jobs = self._guarded(functools.partial(self._claim_group, free, kinds), "claim")
+            for job in jobs or ():
+                self._dispatch(job, gate)
+                claimed += 1
+        return claimed
+
+    def _claim_group(self, limit: int, kinds: tuple[str, ...]) -> list[Job]:
+        return self.queue.claim_batch(limit, self.lock_duration_ms, kinds)
+
+    def _claimable_kinds(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(
+                kind
+                for gate, kinds in self._groups
+                if gate is None or self._gate_busy[gate.name] < gate.limit
+                for kind in kinds
+            )
+
+    def _idle_timeout(self) -> float | None:
+        """Seconds until something is due (a scheduled job, a heartbeat, maintenance)."""
+        now = time.monotonic()
+        deadlines = [self._next_heartbeat] if self.running_jobs else []
+        deadlines.extend(self._due.values())
+        if self._free_slots() > 0:
+            kinds = self._claimable_kinds()
+            due_ms = self._guarded(lambda: self.queue.next_due_ms(kinds), "poll") if kinds else None
+            if due_ms is not None:
+                wait = (due_ms - self.queue.now_ms()) / 1000
+                if wait <= 0:
+                    # Due but not claimed: another worker holds it, or the database is busy.
+                    return min(self.poll_interval_s, 0.05)
+                deadlines.append(now + wait)
+        if not deadlines:
+            return None
+        return max(min(min(deadlines) - now, self.poll_interval_s), 0.0) or 0.001
+
+    # -- running a job -----------------------------------------------------------------
+
+    def _dispatch(self, job: Job, gate: Gate | None) -> None:
+        adapter = logging.LoggerAdapter(
+            log, {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
+        )
+        context = JobContext(job, self.queue, self._session_factory, adapter)
+        with self._lock:
+            self._running[job.id] = _Running(job, context, gate)
+            if gate is not None:
+                self._gate_busy[gate.name] += 1
+            if len(self._running) == 1:
+                self._next_heartbeat = time.monotonic() + self.heartbeat_interval_ms / 1000
+        self._tasks.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._tasks.get()
+            if job is None:
+                return
+            with self._lock:
+                entry = self._running.get(job.id)
+            if entry is None:
+                continue
+            try:
+                self._execute(entry)
+            except Exception:  # never lose a handler thread
+                log.exception("memtree worker failed to settle job %s", job.id)
+            finally:
+                with self._lock:
+                    self._running.pop(job.id, None)
+                    if entry.gate is not None:
+                        self._gate_busy[entry.gate.name] -= 1
+                self._wake.set()
+
+    def _execute(self, entry: _Running) -> None:
+        job, ctx = entry.job, entry.context
+        outcome: object
+        try:
+            outcome = self.handlers[job.kind](ctx)
+        except Exception as exc:
+            outcome = exc
+        duration_ms = int((time.monotonic() - entry.started) * 1000)
+        fields = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
+        fields["duration_ms"] = duration_ms
+        if ctx.lease_lost.is_set():
+            ctx._close(commit=False)
+            log.warning(
+                "job %s ran past a lost lease; its result is not settled", job.id, extra=fields
+            )
+            return
+        if outcome is None:
+            self._complete(entry, fields)
+            return
+        ctx._close(commit=False)
+        if isinstance(outcome, Defer):
+            until = outcome.resolve(self.queue.now_ms())
+            settled = self._retrying(lambda: self.queue.mark_deferred(job, until, outcome.reason))
+            log.info("job %s deferred: %s", job.id, scrub(outcome.reason), extra=fields)
+        else:
+            error = (
+                outcome
+                if isinstance(outcome, BaseException)
+                else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
+            )
+            settled = self._retrying(lambda: self.queue.mark_failed(job, error))
+            log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
+        self._count(job, settled, fields)
+
+    def _complete(self, entry: _Running, fields: dict[str, Any]) -> None:
+        job, ctx = entry.job, entry.context
+        if not ctx.uses_session:
+            with self._lock:
+                self._completed.append((job, list(ctx._followups)))
+            return
+        try:
+            settled = settle.mark_done(
+                ctx.session,
+                job,
+                ctx._followups,
+                now_ms=self.queue.now_ms(),
+                default_max_attempts=self.queue.max_attempts,
+            )
+            ctx._close(commit=settled)
+        except Exception as exc:
+            # The transaction is gone with the handler's writes: retry the job later.
+            ctx._close(commit=False)
+            label, _ = classify_error(exc)
+            log.warning(
+                "job %s: its completion did not commit (%s: %s); retrying it",
+                job.id,
+                label,
+                scrub(str(exc)),
+                extra=fields,
+            )
+            failure = exc
+            settled = bool(self._retrying(lambda: self.queue.mark_failed(job, failure)))
+        else:
+            if settled and ctx._followups:
+                wakeup.signal(self.queue.engine)
+        self._count(job, settled, fields)
+
+    def _count(self, job: Job, settled: bool | None, fields: dict[str, Any]) -> None:
+        if settled:
+            with self._lock:
+                self._settled += 1
+            log.debug("job %s settled", job.id, extra=fields)
+        else:
+            log.warning("job %s: lease lost before it was settled", job.id, extra=fields)
+
+    def _flush_completed(self) -> None:
+        """Settle every handler-finished job that wrote nothing of its own, in one batch."""
+        with self._lock:
+            batch, self._completed = self._completed, []
+        if not batch:
+            return
+        settled = self._retrying(lambda: self.queue.mark_done_many(batch))
+        if settled is None:
+            return  # the database stayed away: the leases will expire and be recovered
+        with self._lock:
+            self._settled += len(settled)
+        for job, _ in batch:
+            if job.id not in settled:
+                log.warning(
+                    "job %s: lease lost before it was settled",
+                    job.id,
+                    extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
+                )
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() < self._next_heartbeat:
+            return
+        self._next_heartbeat = time.monotonic() + self.heartbeat_interval_ms / 1000
+        with self._lock:
+            held = [entry.job for entry in self._running.values()]
+        if not held:
+            return
+        kept = self._guarded(
+            lambda: self.queue.extend_leases(held, self.lock_duration_ms), "heartbeat"
+        )
+        if kept is None:
+            return
+        for job in held:
+            if job.id not in kept:
+                with self._lock:
+                    entry = self._running.get(job.id)
+                if entry is not None and not entry.context.lease_lost.is_set():
+                    entry.context.lease_lost.set()
+                    log.warning(
+                        "job %s lost its lease while running; this worker will not settle it",
+                        job.id,
+                        extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
+                    )
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        tasks: dict[str, Callable[[], object]] = {
+            "recover": self.queue.recover_stale_locks,
+            "self_heal": self.queue.requeue_transient_failed,
+        }
+        if JobKind.FLUSH_STALE in self.handlers:
+            tasks["flush_stale"] = lambda: self.queue.enqueue(
+                NewJob.flush_stale(self.queue.now_ms())
+            )
+        if self.retention_ms is not None:
+            tasks["prune"] = self._prune
+        for name, task in tasks.items():
+            if now >= self._due.get(name, 0.0):
+                self._due[name] = now + self.intervals[name]
+                result = self._guarded(task, name)
+                if isinstance(result, int) and result and name != "flush_stale":
+                    log.info("maintenance %s: %d jobs", name, result)
+
+    def _prune(self) -> int:
+        assert self.retention_ms is not None
+        cutoff = self.queue.now_ms() - self.retention_ms
+        total = 0
+        for _ in range(100):  # at most a million rows a pass; the next pass goes on
+            pruned = self.queue.prune("done", cutoff)
+            total += pruned
+            if pruned < 10_000:
+                break
+        return total
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _guarded(self, operation: Callable[[], Any], what: str) -> Any:
+        """Run a database operation of the loop; on failure, log, back off, return None."""
+        try:
+            return operation()
+        except (MemtreeError, sa_exc.SQLAlchemyError) as exc:
+            if isinstance(exc, MemtreeError) and not isinstance(exc, DatabaseError):
+                raise
+            label, backoff_s = classify_error(exc)
+            log.warning(
+                "memtree %s failed (%s); retrying in %.1fs: %s",
+                what,
+                label,
+                backoff_s,
+                scrub(str(exc)),
+            )
+            self._stopping.wait(backoff_s)
+            return None
+
+    def _retrying(self, operation: Callable[[], Any], attempts: int = 5) -> Any:
+        """A settle, retried through database errors; None if the database stayed away."""
+        for _ in range(attempts):
+            try:
+                return operation()
+            except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
+                label, backoff_s = classify_error(exc)
+                log.warning(
+                    "memtree settle failed (%s); retrying in %.1fs: %s",
+                    label,
+                    backoff_s,
+                    scrub(str(exc)),
+                )
+                time.sleep(backoff_s)
+        return None
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+
+        def handle(signum: int, _frame: object) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                log.warning("second signal: exiting now; running leases will be recovered")
+                os._exit(128 + signum)
+            log.info("signal %d: finishing running jobs, then stopping", signum)
+            self.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handle)
+        return previous
+
+    def _shutdown(self) -> None:
+        self._stopping.set()
+        deadline = time.monotonic() + self.shutdown_grace_s
+        while self.running_jobs and time.monotonic() < deadline:
+            self._flush_completed()
+            self._heartbeat()
+            self._wake.wait(0.05)
+            self._wake.clear()
+        self._flush_completed()
+        unfinished = self.running_jobs
+        if unfinished:
+            # Only this worker's own leases: another worker's are not ours to release.
+            released = self._guarded(
+                lambda: self.queue.release_running_locks(unfinished), "release"
+            )
+            log.warning(
+                "shutdown grace over: released %s of %d running jobs", released, len(unfinished)
+            )
+        wakeup.unsubscribe(self.queue.engine, self._wake)
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        for _ in self._threads:
+            self._tasks.put(None)
+        self._threads = []

@@ -1,0 +1,578 @@
+"""The worker on every database: outcomes, transactional completion, leases, gates, wake-ups,
+shutdown, and surviving the database going away.
+
+No test here bounds a duration tighter than its purpose: a wake-up test allows seconds
+where the fallback it proves unnecessary would take half a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy import Engine, Integer, String, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import memtree
+from memtree import JobFailure, JobStatus, NewJob, Queue
+from memtree.worker import Defer, Gate, Handlers, JobContext, Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Effect(Base):
+    __tablename__ = "worker_effects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(60))
+
+
+@pytest.fixture
+def app(wall_queue: Queue, engine: Engine) -> Queue:
+    Base.metadata.create_all(engine)
+    return wall_queue
+
+
+def effects(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(Effect.job_id)))
+
+
+def status_of(queue: Queue, job_id: str | None) -> JobStatus:
+    job = queue.get_job(job_id or "")
+    assert job is not None
+    return job.status
+
+
+class Running:
+    """A worker's run() in a thread, stopped and joined on exit."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.thread = threading.Thread(
+            target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True
+        )
+
+    def __enter__(self) -> Worker:
+        self.thread.start()
+        return self.worker
+
+    def __exit__(self, *_: object) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the worker did not stop"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+# -- outcomes ---------------------------------------------------------------------------
+
+
+def test_handler_outcomes_done_defer_retry_and_fail(app: Queue) -> None:
+    handlers = Handlers()
+
+    @handlers.register("ok")
+    def ok(ctx: JobContext) -> None:
+        assert ctx.payload == {"n": 1}
+
+    @handlers.register("later")
+    def later(ctx: JobContext) -> Defer:
+        return Defer(delay_ms=60_000, reason="rate limited")
+
+    @handlers.register("flaky")
+    def flaky(ctx: JobContext) -> None:
+        raise ConnectionError("upstream 503")
+
+    @handlers.register("doomed")
+    def doomed(ctx: JobContext) -> None:
+        try:
+            raise JobFailure.unrecoverable("auth_revoked")
+        except JobFailure as failure:
+            raise RuntimeError("provider refused") from failure
+
+    @handlers.register("odd")
+    def odd(ctx: JobContext) -> object:
+        return 42
+
+    ids = app.enqueue_many(
+        [NewJob("ok", {"n": 1}), NewJob("later"), NewJob("flaky"), NewJob("doomed"), NewJob("odd")]
+    )
+    worker = Worker(app, handlers, gates=())
+    assert worker.run_until_idle() == 5
+    done, later_id, flaky_id, doomed_id, odd_id = (app.get_job(i or "") for i in ids)
+    assert done is not None and done.status is JobStatus.DONE
+    assert later_id is not None and later_id.status is JobStatus.READY
+    assert later_id.attempts == 0 and later_id.last_error == "rate limited"
+    assert later_id.available_at_ms > app.now_ms() + 50_000
+    assert flaky_id is not None and flaky_id.status is JobStatus.READY and flaky_id.attempts == 1
+    assert flaky_id.last_error == "ConnectionError: upstream 503"
+    assert doomed_id is not None and doomed_id.status is JobStatus.FAILED
+    assert doomed_id.failure_reason == "auth_revoked"
+    assert odd_id is not None and odd_id.status is JobStatus.READY
+    assert "expected None or memtree.Defer" in (odd_id.last_error or "")
+    assert worker.run_until_idle() == 0, "nothing is due any more"
+
+
+def test_only_kinds_with_handlers_are_claimed(app: Queue) -> None:
+    mine = app.enqueue(NewJob("mine"))
+    theirs = app.enqueue(NewJob("theirs"))
+    handlers = Handlers()
+    handlers.register("mine")(lambda ctx: None)
+    assert Worker(app, handlers).run_until_idle() == 1
+    assert status_of(app, mine) is JobStatus.DONE
+    assert status_of(app, theirs) is JobStatus.READY
+
+
+def test_run_until_idle_drains_followups(app: Queue) -> None:
+    handlers = Handlers()
+
+    @handlers.register("step")
+    def step(ctx: JobContext) -> None:
+        if ctx.payload < 5:
+            ctx.enqueue(NewJob("step", ctx.payload + 1))
+
+    app.enqueue(NewJob("step", 0))
+    assert Worker(app, handlers).run_until_idle() == 6
+    assert app.count_by_status(JobStatus.DONE) == 6
+
+
+# -- transactional completion -------------------------------------------------------------
+
+
+def test_domain_writes_and_followups_commit_with_completion(app: Queue, engine: Engine) -> None:
+    handlers = Handlers()
+
+    @handlers.register("write")
+    def write(ctx: JobContext) -> None:
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        ctx.enqueue(NewJob("after", {"parent": ctx.job.id}))
+
+    job_id = app.enqueue(NewJob("write"))
+    Worker(app, handlers).run_until_idle()
+    assert effects(engine) == [job_id]
+    assert status_of(app, job_id) is JobStatus.DONE
+    assert app.count_by_status(JobStatus.READY) == 1
+
+
+def test_raising_or_deferring_rolls_back_the_handlers_writes(app: Queue, engine: Engine) -> None:
+    handlers = Handlers()
+
+    @handlers.register("raise")
+    def boom(ctx: JobContext) -> None:
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        ctx.session.flush()
+        ctx.enqueue(NewJob("never"))
+        raise RuntimeError("after writing")
+
+    @handlers.register("defer")
+    def defer(ctx: JobContext) -> Defer:
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        ctx.session.flush()
+        return Defer(delay_ms=60_000, reason="not yet")
+
+    app.enqueue_many([NewJob("raise"), NewJob("defer")])
+    Worker(app, handlers).run_until_idle()
+    assert effects(engine) == []
+    assert app.count_total() == 2, "the raising handler's follow-up was not enqueued"
+
+
+def test_a_lost_lease_rolls_back_the_handlers_writes(app: Queue, engine: Engine) -> None:
+    started, resume = threading.Event(), threading.Event()
+    handlers = Handlers()
+
+    @handlers.register("slow")
+    def slow(ctx: JobContext) -> None:
+        started.set()
+        assert resume.wait(30)
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        ctx.enqueue(NewJob("followup"))
+
+    job_id = app.enqueue(NewJob("slow"))
+    worker = Worker(app, handlers, concurrency=1)  # no free slot to re-claim it itself
+    runner = threading.Thread(target=worker.run_until_idle)
+    runner.start()
+    assert started.wait(30)
+    assert app.release_running_locks() == 1  # the lease is taken away mid-run...
+    second = app.claim_next()  # ...and another worker claims the job
+    assert second is not None and second.id == job_id
+    resume.set()
+    runner.join(60)
+    assert effects(engine) == [], "the writes of a run that lost its lease never commit"
+    assert status_of(app, job_id) is JobStatus.RUNNING, "the other worker's claim is intact"
+    assert app.count_total() == 1, "no follow-up from the lost run"
+    assert app.mark_done(second)
+
+
+def test_heartbeat_keeps_a_slow_job_past_its_lease(app: Queue) -> None:
+    handlers = Handlers()
+    recovered: list[int] = []
+
+    @handlers.register("long")
+    def long_job(ctx: JobContext) -> None:
+        deadline = time.monotonic() + 2.5  # five leases long
+        while time.monotonic() < deadline:
+            recovered.append(app.recover_stale_locks())
+            time.sleep(0.1)
+
+    job_id = app.enqueue(NewJob("long"))
+    worker = Worker(app, handlers, lock_duration_ms=500, heartbeat_interval_ms=150)
+    assert worker.run_until_idle() == 1
+    job = app.get_job(job_id or "")
+    assert job is not None and job.status is JobStatus.DONE
+    assert job.attempts == 1, "never recovered while its worker was alive"
+    assert sum(recovered) == 0
+
+
+def test_heartbeat_notices_a_lost_lease_and_the_run_is_not_settled(
+    app: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    started, resume = threading.Event(), threading.Event()
+    handlers = Handlers()
+
+    runs: list[bool] = []
+
+    @handlers.register("slow")
+    def slow(ctx: JobContext) -> Defer | None:
+        if runs:  # the run after the lost one: park it
+            return Defer(delay_ms=60_000, reason="parked by the test")
+        started.set()
+        assert resume.wait(30)
+        runs.append(ctx.lease_lost.is_set())
+        return None
+
+    job_id = app.enqueue(NewJob("slow"))
+    worker = Worker(app, handlers, concurrency=1, lock_duration_ms=600, heartbeat_interval_ms=100)
+    runner = threading.Thread(target=worker.run_until_idle)
+    with caplog.at_level(logging.WARNING, logger="memtree.worker"):
+        runner.start()
+        assert started.wait(30)
+        app.release_running_locks()
+        wait_for(lambda: "lost its lease" in caplog.text)
+        resume.set()
+        runner.join(60)
+    assert status_of(app, job_id) is JobStatus.READY
+
+
+# -- gates --------------------------------------------------------------------------------
+
+
+def test_gate_holds_its_limit_without_churning_the_table(app: Queue) -> None:
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    handlers = Handlers()
+
+    def gated(ctx: JobContext) -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    handlers.register("llm_call")(gated)
+    handlers.register("cheap")(lambda ctx: None)
+    ids = app.enqueue_many([NewJob("llm_call", i) for i in range(6)] + [NewJob("cheap", 0)])
+    worker = Worker(app, handlers, concurrency=4, gates=[Gate("llm", 1, ("llm_call",))])
+    assert worker.run_until_idle() == 7
+    assert peak[0] == 1, "the gate allowed more than one at a time"
+    for job_id in ids:
+        job = app.get_job(job_id or "")
+        assert job is not None and job.status is JobStatus.DONE
+        assert (job.attempts, job.last_error) == (1, None), "a busy gate caused no churn"
+
+
+def test_default_gate_is_the_llm_gate() -> None:
+    from memtree.worker import DEFAULT_GATES
+
+    assert [(g.name, g.limit, set(g.kinds)) for g in DEFAULT_GATES] == [
+        ("llm", 1, {"extract_chunk", "seal", "reembed_backfill", "seal_document"})
+    ]
+
+
+# -- wake-ups and scheduling --------------------------------------------------------------
+
+
+def timed_handlers(started_at: dict[str, float]) -> Handlers:
+    handlers = Handlers()
+
+    @handlers.register("ping")
+    def ping(ctx: JobContext) -> None:
+        started_at[ctx.job.id] = time.time()
+
+    return handlers
+
+
+def test_enqueue_in_the_same_process_wakes_an_idle_worker(app: Queue) -> None:
+    started: dict[str, float] = {}
+    with Running(Worker(app, timed_handlers(started), poll_interval_s=30.0)):
+        time.sleep(0.3)  # let the worker go idle on its 30 s poll
+        job_id = app.enqueue(NewJob("ping"))
+        wait_for(lambda: job_id in started, timeout=10)
+
+
+def test_enqueue_through_the_callers_session_wakes_an_idle_worker(
+    app: Queue, engine: Engine
+) -> None:
+    started: dict[str, float] = {}
+    with Running(Worker(app, timed_handlers(started), poll_interval_s=30.0)):
+        time.sleep(0.3)
+        with Session(engine) as session, session.begin():
+            job_id = memtree.enqueue(session, NewJob("ping"))
+        wait_for(lambda: job_id in started, timeout=10)
+
+
+def enqueue_from_another_process(db_url: str) -> str:
+    code = (
+        "import sys, memtree; q = memtree.Queue(sys.argv[1]); "
+        "print(q.enqueue(memtree.NewJob('ping'))); q.close()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, db_url], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.postgresql
+def test_notify_wakes_a_worker_for_an_enqueue_in_another_process(app: Queue, db_url: str) -> None:
+    if app.engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    started: dict[str, float] = {}
+    worker = Worker(app, timed_handlers(started), poll_interval_s=30.0)
+    with Running(worker):
+        wait_for(lambda: worker._listener is not None and worker._listener.wait_listening(0.1))
+        time.sleep(0.3)
+        job_id = enqueue_from_another_process(db_url)
+        wait_for(lambda: job_id in started, timeout=10)
+
+
+def test_a_worker_notices_another_processes_enqueue_within_its_poll(
+    app: Queue, db_url: str
+) -> None:
+    started: dict[str, float] = {}
+    with Running(Worker(app, timed_handlers(started), poll_interval_s=0.25)):
+        time.sleep(0.3)
+        job_id = enqueue_from_another_process(db_url)
+        wait_for(lambda: job_id in started, timeout=10)
+
+
+def test_a_scheduled_job_starts_on_time_not_a_poll_late(app: Queue) -> None:
+    started: dict[str, float] = {}
+    with Running(Worker(app, timed_handlers(started), poll_interval_s=30.0)):
+        time.sleep(0.2)
+        due_ms = app.now_ms() + 800
+        job_id = app.enqueue(NewJob("ping", available_at_ms=due_ms))
+        wait_for(lambda: job_id in started, timeout=15)
+    assert started[job_id or ""] * 1000 >= due_ms - 5, "never before it is due"
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+
+def test_shutdown_releases_only_its_own_leases_and_gives_attempts_back(app: Queue) -> None:
+    started = threading.Event()
+    handlers = Handlers()
+
+    @handlers.register("stuck")
+    def stuck(ctx: JobContext) -> None:
+        started.set()
+        time.sleep(3)
+
+    theirs = app.enqueue(NewJob("other_kind"))
+    other_worker_claim = app.claim_next(kinds=["other_kind"])
+    assert other_worker_claim is not None and other_worker_claim.id == theirs
+    mine = app.enqueue(NewJob("stuck"))
+    worker = Worker(app, handlers, shutdown_grace_s=0.2)
+    with Running(worker):
+        assert started.wait(30)
+    job = app.get_job(mine or "")
+    assert job is not None and job.status is JobStatus.READY
+    assert job.attempts == 0 and job.lease_token is None
+    assert status_of(app, theirs) is JobStatus.RUNNING, "another worker's lease is not ours"
+
+
+def test_graceful_stop_lets_a_running_handler_finish(app: Queue) -> None:
+    started = threading.Event()
+    handlers = Handlers()
+
+    @handlers.register("short")
+    def short(ctx: JobContext) -> None:
+        started.set()
+        time.sleep(0.3)
+
+    job_id = app.enqueue(NewJob("short"))
+    with Running(Worker(app, handlers, shutdown_grace_s=30)):
+        assert started.wait(30)
+    assert status_of(app, job_id) is JobStatus.DONE
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_worker_process_and_releases_its_jobs(
+    app: Queue, db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "sleepy_app.py").write_text(
+        "import time\ndef nap(ctx):\n    time.sleep(60)\nhandlers = {'nap': nap}\n"
+    )
+    job_id = app.enqueue(NewJob("nap"))
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "memtree"),
+            "--database-url",
+            db_url,
+            "worker",
+            "--app",
+            "sleepy_app:handlers",
+            "--shutdown-grace",
+            "0.5",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: status_of(app, job_id) is JobStatus.RUNNING, timeout=30)
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    job = app.get_job(job_id or "")
+    assert job is not None and job.status is JobStatus.READY and job.attempts == 0
+
+
+# -- the database going away --------------------------------------------------------------
+
+
+def test_worker_survives_its_connections_being_killed(
+    app: Queue, db_url: str, engine: Engine
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("pg_terminate_backend is PostgreSQL's")
+    handlers = Handlers()
+    handlers.register("job")(lambda ctx: None)
+    app.enqueue_many([NewJob("job", i) for i in range(5)])
+    with Running(Worker(app, handlers, poll_interval_s=0.1)):
+        wait_for(lambda: app.count_by_status(JobStatus.DONE) == 5)
+        admin = sqlalchemy.create_engine(db_url)
+        try:
+            with admin.connect() as conn:
+                killed = conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar()
+        finally:
+            admin.dispose()
+        assert killed and killed > 0
+        app.enqueue_many([NewJob("job", i) for i in range(5, 10)])
+        wait_for(lambda: app.count_by_status(JobStatus.DONE) == 10, timeout=30)
+
+
+def test_worker_survives_a_locked_sqlite_database(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("a SQLite lock")
+    engine = memtree.create_engine(db_url, sqlite_busy_timeout_ms=50)
+    queue = Queue(engine)
+    queue.migrate()
+    handlers = Handlers()
+    handlers.register("job")(lambda ctx: None)
+    blocker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        worker = Worker(queue, handlers, poll_interval_s=0.05)
+        with caplog.at_level(logging.WARNING, logger="memtree.worker"), Running(worker):
+            blocker.execute("BEGIN EXCLUSIVE")
+            time.sleep(1.0)  # the worker's polls and claims hit 'database is locked'
+            blocker.execute("ROLLBACK")
+            queue.enqueue_many([NewJob("job", i) for i in range(3)])
+            wait_for(lambda: queue.count_by_status(JobStatus.DONE) == 3)
+        assert "busy" in caplog.text
+    finally:
+        blocker.close()
+        engine.dispose()
+
+
+# -- logs -----------------------------------------------------------------------------------
+
+
+def test_logged_errors_are_scrubbed_while_the_database_keeps_them(
+    app: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "connect postgresql://app:hunter2@db/prod failed; password=hunter2 for a@b.example"
+    handlers = Handlers()
+
+    @handlers.register("leaky")
+    def leaky(ctx: JobContext) -> None:
+        raise RuntimeError(secret)
+
+    job_id = app.enqueue(NewJob("leaky"))
+    with caplog.at_level(logging.WARNING, logger="memtree.worker"):
+        Worker(app, handlers).run_until_idle()
+    assert "hunter2" not in caplog.text and "a@b.example" not in caplog.text
+    assert "failed" in caplog.text
+    job = app.get_job(job_id or "")
+    assert job is not None and job.last_error == f"RuntimeError: {secret}"
+    record = next(r for r in caplog.records if "failed" in r.getMessage())
+    assert (record.job_id, record.kind, record.attempt) == (job_id, "leaky", 1)  # type: ignore[attr-defined]
+    assert record.duration_ms >= 0  # type: ignore[attr-defined]
+
+
+# -- maintenance ----------------------------------------------------------------------------
+
+
+def test_maintenance_recovers_prunes_and_schedules_flush_stale(
+    engine: Engine, clock: Iterator[None]
+) -> None:
+    from tests.conftest import FakeClock
+
+    fake = FakeClock()
+    queue = Queue(engine, clock=fake)
+    queue.migrate()
+    old = queue.enqueue(NewJob("old"))
+    stale = queue.enqueue(NewJob("stale"))
+    claimed = queue.claim_batch(2, lock_duration_ms=1000)
+    assert queue.mark_done(next(j for j in claimed if j.id == old))
+    fake.advance(8 * 24 * 60 * 60 * 1000)  # past the 7-day retention and the stale lease
+    handlers = Handlers()
+    handlers.register("flush_stale")(lambda ctx: None)
+    with Running(Worker(queue, handlers, poll_interval_s=0.05)):
+        wait_for(lambda: queue.get_job(old or "") is None)
+        wait_for(lambda: status_of(queue, stale) is JobStatus.READY)
+        wait_for(lambda: queue.count_by_status(JobStatus.DONE) == 1)  # flush_stale ran
+    flushed = [j for j in [queue.get_job(stale or "")] if j]
+    assert flushed and flushed[0].last_error == "recovered_from_stale_lock"
+
+
+def test_worker_settings_are_validated(app: Queue) -> None:
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {})
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"k": "not callable"})  # type: ignore[dict-item]
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"k": lambda ctx: None}, concurrency=0)
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"k": lambda ctx: None}, gates=[Gate("a", 1, ("k",)), Gate("b", 1, ("k",))])
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"topic_route": lambda ctx: None})
+    with pytest.raises(memtree.ConfigurationError):
+        Defer(until_ms=1, delay_ms=1)
