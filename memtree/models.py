@@ -64,6 +64,8 @@ class MemTreeJob(Base):
     # memtree's own: a fresh token per claim, so a settle can tell this claim from any
     # other claim of the same row. NULL on rows the original wrote or claimed.
     lease_token: Mapped[str | None] = mapped_column(Text)
+    # memtree's own: when a running job was asked to stop (its worker polls for it).
+    cancel_requested_at_ms: Mapped[int | None] = mapped_column(Millis)
 
     __table_args__ = (
         Index("idx_mem_tree_jobs_ready", "status", "available_at_ms"),

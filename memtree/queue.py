@@ -305,6 +305,29 @@ class Queue:
         with self.transaction() as conn:
             return settle.extend_lease(conn, job, now_ms=self.now_ms(), lock_duration_ms=lease)
 
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel a ``ready`` job at once, or ask a ``running`` one to stop.
+
+        Returns the status after the call: ``cancelled``; ``running`` when its worker was
+        asked to stop (it ends ``cancelled`` once the handler returns); a terminal status
+        the job already had; or None when there is no such job.
+        """
+        with self.transaction() as conn:
+            status = settle.cancel(conn, job_id, now_ms=self.now_ms())
+        if status is JobStatus.RUNNING:
+            wakeup.signal(self.engine)  # workers in this process check at once
+        return status
+
+    def mark_cancelled(self, job: Job) -> bool:
+        """End a run that was asked to stop as ``cancelled``; False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_cancelled(conn, job, now_ms=self.now_ms())
+
+    def cancel_requested(self, ids: Sequence[str]) -> set[str]:
+        """Which of these jobs have been asked to stop."""
+        with self.transaction() as conn:
+            return store.cancel_requested(conn, ids)
+
     def extend_leases(self, held: Sequence[Job], lock_duration_ms: int | None = None) -> set[str]:
         """Heartbeat many claims at once; returns the ids whose lease is still held."""
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
@@ -327,7 +350,7 @@ class Queue:
 
     def release_running_locks(self, held: Sequence[Job] | None = None) -> int:
         with self.transaction() as conn:
-            count = settle.release_running_locks(conn, held)
+            count = settle.release_running_locks(conn, held, now_ms=self.now_ms())
         return self._made_ready(count)
 
     def requeue_failed(self) -> int:

@@ -44,6 +44,7 @@ from memtree.types import (
     RETRY_CAP_MS,
     Job,
     JobFailure,
+    JobStatus,
     NewJob,
     backoff_ms,
     check_ms,
@@ -51,9 +52,11 @@ from memtree.types import (
 )
 
 __all__ = [
+    "cancel",
     "error_text",
     "extend_lease",
     "extend_leases",
+    "mark_cancelled",
     "mark_deferred",
     "mark_done",
     "mark_done_many",
@@ -66,6 +69,7 @@ __all__ = [
 
 NULL: ColumnClause[Any] = literal_column("NULL")
 DONE: ColumnClause[str] = literal_column("'done'")
+CANCELLED: ColumnClause[str] = literal_column("'cancelled'")
 UNRECOVERABLE: ColumnClause[str] = literal_column("'unrecoverable'")
 TRANSIENT: ColumnClause[str] = literal_column("'transient'")
 
@@ -77,9 +81,14 @@ _SETTLE_CHUNK = 400
 _REQUEUE_RETRIES = 5
 
 
-def _fenced(values: dict[str, Any]) -> Update:
-    """An UPDATE of the one row still running under the claim in the ``f_*`` parameters."""
-    return (
+def _fenced(values: dict[str, Any], *, cancel_requested: bool | None = False) -> Update:
+    """An UPDATE of the one row still running under the claim in the ``f_*`` parameters.
+
+    Settles also require that nobody asked the job to stop (``cancel_requested=False``):
+    once a cancel is requested, only :func:`mark_cancelled` ends the run. The heartbeat
+    (``None``) does not care.
+    """
+    statement = (
         update(jobs)
         .where(jobs.c.id == bindparam("f_id"))
         .where(jobs.c.status == RUNNING)
@@ -88,6 +97,11 @@ def _fenced(values: dict[str, Any]) -> Update:
         .where(jobs.c.started_at_ms.is_not_distinct_from(bindparam("f_started")))
         .values(values)
     )
+    if cancel_requested is False:
+        statement = statement.where(jobs.c.cancel_requested_at_ms.is_(None))
+    elif cancel_requested:
+        statement = statement.where(jobs.c.cancel_requested_at_ms.is_not(None))
+    return statement
 
 
 def _fence_params(job: Job) -> dict[str, Any]:
@@ -103,6 +117,7 @@ def _fence_params(job: Job) -> dict[str, Any]:
 def _statements() -> dict[str, Update]:
     aged_out = jobs.c.created_at_ms <= bindparam("oldest")
     exhausted = jobs.c.attempts >= jobs.c.max_attempts
+    cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
     return {
         "done": _fenced(
             {
@@ -149,23 +164,37 @@ def _statements() -> dict[str, Update]:
                 "lease_token": NULL,
             }
         ),
-        "extend": _fenced({"locked_until_ms": bindparam("until")}),
+        "extend": _fenced({"locked_until_ms": bindparam("until")}, cancel_requested=None),
+        "cancelled": _fenced(
+            {
+                "status": CANCELLED,
+                "completed_at_ms": bindparam("now"),
+                "locked_until_ms": NULL,
+            },
+            cancel_requested=True,
+        ),
         "recover": update(jobs)
         .where(jobs.c.status == RUNNING)
         .where(jobs.c.locked_until_ms.is_not(None))
         .where(jobs.c.locked_until_ms < bindparam("now"))
         .values(
-            status=case((exhausted, FAILED), else_=READY),
+            # A job asked to stop whose worker died ends cancelled, not retried.
+            status=case((cancelling, CANCELLED), (exhausted, FAILED), else_=READY),
             last_error=func.coalesce(
                 jobs.c.last_error,
                 case(
+                    (cancelling, literal_column("'cancelled'")),
                     (exhausted, literal_column("'stale_lock_exhausted'")),
                     else_=literal_column("'recovered_from_stale_lock'"),
                 ),
             ),
-            completed_at_ms=case((exhausted, bindparam("now")), else_=NULL),
-            failure_reason=case((exhausted, literal_column("'stale_lock_exhausted'")), else_=NULL),
-            failure_class=case((exhausted, TRANSIENT), else_=NULL),
+            completed_at_ms=case((cancelling | exhausted, bindparam("now")), else_=NULL),
+            failure_reason=case(
+                (cancelling, NULL),
+                (exhausted, literal_column("'stale_lock_exhausted'")),
+                else_=NULL,
+            ),
+            failure_class=case((cancelling, NULL), (exhausted, TRANSIENT), else_=NULL),
             locked_until_ms=NULL,
             lease_token=NULL,
         ),
@@ -210,6 +239,37 @@ def mark_done(
     return True
 
 
+def mark_cancelled(executor: Executor, job: Job, *, now_ms: int) -> bool:
+    """End a run that was asked to stop as ``cancelled``; False if the lease was lost."""
+    return _settled(executor, "cancelled", job, {"now": now_ms})
+
+
+def cancel(executor: Executor, job_id: str, *, now_ms: int) -> JobStatus | None:
+    """Cancel a job: a ``ready`` one at once (its dedupe key is free again), a ``running``
+    one by asking its worker to stop. Returns the job's status after the call (``running``
+    for a request), or None when there is no such job."""
+    cancelled = executor.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .where(jobs.c.status == READY)
+        .values(status=CANCELLED, completed_at_ms=now_ms, locked_until_ms=NULL, lease_token=NULL)
+        .returning(jobs.c.id)
+    ).first()
+    if cancelled is not None:
+        return JobStatus.CANCELLED
+    requested = executor.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .where(jobs.c.status == RUNNING)
+        .values(cancel_requested_at_ms=func.coalesce(jobs.c.cancel_requested_at_ms, now_ms))
+        .returning(jobs.c.id)
+    ).first()
+    if requested is not None:
+        return JobStatus.RUNNING
+    job = store.get_job(executor, job_id)
+    return None if job is None else job.status
+
+
 def _held(held: Sequence[Job]) -> ColumnElement[bool]:
     """The rows still running under exactly these claims (tokens are unique per claim)."""
     return and_(
@@ -238,6 +298,7 @@ def mark_done_many(
         statement = (
             update(jobs)
             .where(_held([job for job, _ in chunk]))
+            .where(jobs.c.cancel_requested_at_ms.is_(None))
             .values(status=DONE, completed_at_ms=now_ms, locked_until_ms=NULL, last_error=NULL)
             .returning(jobs.c.id)
         )
@@ -345,7 +406,9 @@ def recover_stale_locks(executor: Executor, *, now_ms: int) -> int:
     return store.rowcount(executor.execute(_statements()["recover"], {"now": now_ms}))
 
 
-def release_running_locks(executor: Executor, held: Sequence[Job] | None = None) -> int:
+def release_running_locks(
+    executor: Executor, held: Sequence[Job] | None = None, *, now_ms: int
+) -> int:
     """Give running jobs back at a graceful shutdown, attempt returned.
 
     With ``held``, only those claims are released (a worker releases its own leases);
@@ -358,14 +421,16 @@ def release_running_locks(executor: Executor, held: Sequence[Job] | None = None)
         statement = statement.where(jobs.c.id.in_([job.id for job in held])).where(
             jobs.c.lease_token.in_({job.lease_token for job in held if job.lease_token})
         )
+    cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
     statement = statement.values(
-        status=READY,
+        status=case((cancelling, CANCELLED), else_=READY),
         attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
         locked_until_ms=NULL,
         started_at_ms=NULL,
+        completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
         lease_token=NULL,
     )
-    return store.rowcount(executor.execute(statement))
+    return store.rowcount(executor.execute(statement, {"now": now_ms}))
 
 
 def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:

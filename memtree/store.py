@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Executor",
+    "cancel_requested",
     "claim",
     "count_by_status",
     "count_failed_unrecoverable",
@@ -121,6 +122,8 @@ def translate_errors() -> Iterator[None]:
             or f'relation "{TABLE_NAME}" does not exist' in text
             or "no such column: lease_token" in text
             or 'column "lease_token" does not exist' in text
+            or "no such column: cancel_requested_at_ms" in text
+            or 'column "cancel_requested_at_ms" does not exist' in text
             or "no such column: failure_" in text
             or ('column "failure_' in text and "does not exist" in text)
         )
@@ -411,7 +414,20 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         failure_reason=data["failure_reason"],
         failure_class=data["failure_class"],
         lease_token=data.get("lease_token"),
+        cancel_requested_at_ms=data.get("cancel_requested_at_ms"),
     )
+
+
+def cancel_requested(executor: Executor, ids: Sequence[str]) -> set[str]:
+    """Which of these jobs have been asked to stop."""
+    if not ids:
+        return set()
+    statement = (
+        select(jobs.c.id)
+        .where(jobs.c.id.in_(list(ids)))
+        .where(jobs.c.cancel_requested_at_ms.is_not(None))
+    )
+    return set(executor.execute(statement).scalars())
 
 
 def get_job(executor: Executor, job_id: str) -> Job | None:

@@ -336,6 +336,7 @@ class Job:
     failure_reason: str | None
     failure_class: str | None
     lease_token: str | None = None
+    cancel_requested_at_ms: int | None = None
 
     @property
     def payload(self) -> Any:

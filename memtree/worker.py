@@ -111,6 +111,9 @@ class JobContext:
         self.log = logger
         #: Set when the heartbeat finds the lease gone: this run will not be settled.
         self.lease_lost = threading.Event()
+        #: Set when someone asked this job to stop (``Queue.cancel``); wait on it, or poll
+        #: :attr:`cancelled`. A run that returns after the request ends ``cancelled``.
+        self.cancel_event = threading.Event()
         self._session_factory = session_factory
         self._session: Session | None = None
         self._followups: list[NewJob] = []
@@ -127,6 +130,11 @@ class JobContext:
         if self._session is None:
             self._session = self._session_factory()
         return self._session
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job was asked to stop: finish up and return."""
+        return self.cancel_event.is_set()
 
     @property
     def uses_session(self) -> bool:
@@ -305,6 +313,7 @@ class Worker:
         self._settled = 0
         self._due: dict[str, float] = {}
         self._next_heartbeat = 0.0
+        self._next_cancel_check = 0.0
         self._listener: wakeup.Listener | None = None
         self._signals = 0
 
@@ -367,6 +376,7 @@ class Worker:
             self._wake.clear()
             self._flush_completed()
             self._heartbeat()
+            self._check_cancels()
             if not until_idle:
                 self._maintain()
             if self._claim():
@@ -488,6 +498,7 @@ class Worker:
         if isinstance(outcome, Defer):
             until = outcome.resolve(self.queue.now_ms())
             settled = self._retrying(lambda: self.queue.mark_deferred(job, until, outcome.reason))
+            settled = self._settled_or_cancelled(job, settled)
             log.info("job %s deferred: %s", job.id, scrub(outcome.reason), extra=fields)
         else:
             error = (
@@ -496,6 +507,7 @@ class Worker:
                 else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
             )
             settled = self._retrying(lambda: self.queue.mark_failed(job, error))
+            settled = self._settled_or_cancelled(job, settled)
             log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
         self._count(job, settled, fields)
 
@@ -514,6 +526,7 @@ class Worker:
                 default_max_attempts=self.queue.max_attempts,
             )
             ctx._close(commit=settled)
+            settled = bool(self._settled_or_cancelled(job, settled))
         except Exception as exc:
             # The transaction is gone with the handler's writes: retry the job later.
             ctx._close(commit=False)
@@ -549,6 +562,9 @@ class Worker:
         settled = self._retrying(lambda: self.queue.mark_done_many(batch))
         if settled is None:
             return  # the database stayed away: the leases will expire and be recovered
+        for job, _ in batch:
+            if job.id not in settled and self._settled_or_cancelled(job, False):
+                settled.add(job.id)
         with self._lock:
             self._settled += len(settled)
         for job, _ in batch:
@@ -558,6 +574,38 @@ class Worker:
                     job.id,
                     extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
                 )
+
+    def _check_cancels(self) -> None:
+        """Tell running handlers that were asked to stop (polled while jobs run)."""
+        now = time.monotonic()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + min(self.poll_interval_s, 1.0)
+        with self._lock:
+            running = {job_id: entry.context for job_id, entry in self._running.items()}
+        if not running:
+            return
+        requested = self._guarded(
+            lambda: self.queue.cancel_requested(list(running)), "cancel check"
+        )
+        for job_id in requested or ():
+            context = running[job_id]
+            if not context.cancel_event.is_set():
+                context.cancel_event.set()
+                context.log.info("job %s was asked to stop", job_id)
+
+    def _settled_or_cancelled(self, job: Job, settled: bool | None) -> bool | None:
+        """A settle that did not match may have met a cancel request: end the run cancelled."""
+        if settled or settled is None:
+            return settled
+        cancelled = self._retrying(lambda: self.queue.mark_cancelled(job))
+        if cancelled:
+            log.info(
+                "job %s cancelled",
+                job.id,
+                extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
+            )
+        return bool(cancelled)
 
     def _heartbeat(self) -> None:
         if time.monotonic() < self._next_heartbeat:

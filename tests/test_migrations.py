@@ -44,8 +44,8 @@ REPO_ROOT = TESTS_DIR.parent
 HOST_APP = TESTS_DIR / "host_app"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-HEAD = "memtree_0003"
-HISTORY = ["memtree_0001", "memtree_0002", "memtree_0003"]
+HEAD = "memtree_0004"
+HISTORY = ["memtree_0001", "memtree_0002", "memtree_0003", "memtree_0004"]
 
 #: The columns of the original's first-shipped table (memtree_0001).
 FIRST_SHIPPED_COLUMNS = {
@@ -65,12 +65,14 @@ FIRST_SHIPPED_COLUMNS = {
 }
 FAILURE_COLUMNS = {"failure_reason", "failure_class"}
 MEMTREE_COLUMNS = {"lease_token"}
+CANCEL_COLUMNS = {"cancel_requested_at_ms"}
 #: The columns each revision leaves; None for no table at all.
 COLUMNS_AT: dict[str, set[str] | None] = {
     "base": None,
     "memtree_0001": FIRST_SHIPPED_COLUMNS,
     "memtree_0002": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS,
     "memtree_0003": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS | MEMTREE_COLUMNS,
+    "memtree_0004": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS | MEMTREE_COLUMNS | CANCEL_COLUMNS,
 }
 ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_ready",
@@ -183,6 +185,7 @@ def test_version_location_holds_memtrees_revision_files() -> None:
         "memtree_0001_create_mem_tree_jobs.py",
         "memtree_0002_failure_columns.py",
         "memtree_0003_lease_token_and_claim_index.py",
+        "memtree_0004_cancel_requests.py",
     }
 
 
