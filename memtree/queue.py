@@ -396,6 +396,24 @@ class Queue:
         with self.transaction() as conn:
             return store.count_total(conn)
 
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        kind: str | None = None,
+        dedupe_key: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs matching every filter given, newest first."""
+        with self.transaction() as conn:
+            return store.list_jobs(
+                conn,
+                status=None if status is None else JobStatus(status),
+                kind=kind,
+                dedupe_key=dedupe_key,
+                limit=_positive_int("limit", limit),
+            )
+
     def get_job(self, job_id: str) -> Job | None:
         with self.transaction() as conn:
             return store.get_job(conn, job_id)

@@ -75,6 +75,7 @@ __all__ = [
     "enqueue_many",
     "get_job",
     "job_from_row",
+    "list_jobs",
     "new_job_id",
     "next_due_ms",
     "prune",
@@ -428,6 +429,26 @@ def cancel_requested(executor: Executor, ids: Sequence[str]) -> set[str]:
         .where(jobs.c.cancel_requested_at_ms.is_not(None))
     )
     return set(executor.execute(statement).scalars())
+
+
+def list_jobs(
+    executor: Executor,
+    *,
+    status: JobStatus | None = None,
+    kind: str | None = None,
+    dedupe_key: str | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Jobs matching every filter given, newest first."""
+    statement = select(jobs)
+    if status is not None:
+        statement = statement.where(jobs.c.status == status.value)
+    if kind is not None:
+        statement = statement.where(jobs.c.kind == kind)
+    if dedupe_key is not None:
+        statement = statement.where(jobs.c.dedupe_key == dedupe_key)
+    statement = statement.order_by(jobs.c.created_at_ms.desc(), jobs.c.id.desc()).limit(limit)
+    return [job_from_row(row) for row in executor.execute(statement)]
 
 
 def get_job(executor: Executor, job_id: str) -> Job | None:
