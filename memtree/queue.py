@@ -392,6 +392,11 @@ class Queue:
         with self.transaction() as conn:
             return store.count_failed_unrecoverable(conn)
 
+    def count_by_kind_and_status(self) -> dict[tuple[str, str], int]:
+        """Row counts grouped by (kind, status)."""
+        with self.transaction() as conn:
+            return store.count_by_kind_and_status(conn)
+
     def count_total(self) -> int:
         with self.transaction() as conn:
             return store.count_total(conn)

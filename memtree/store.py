@@ -66,6 +66,7 @@ __all__ = [
     "Executor",
     "cancel_requested",
     "claim",
+    "count_by_kind_and_status",
     "count_by_status",
     "count_failed_unrecoverable",
     "count_total",
@@ -469,6 +470,14 @@ def count_failed_unrecoverable(executor: Executor) -> int:
         .where(jobs.c.failure_class == FailureClass.UNRECOVERABLE.value)
     )
     return int(executor.execute(statement).scalar_one())
+
+
+def count_by_kind_and_status(executor: Executor) -> dict[tuple[str, str], int]:
+    """Row counts grouped by (kind, status)."""
+    statement = select(jobs.c.kind, jobs.c.status, func.count()).group_by(
+        jobs.c.kind, jobs.c.status
+    )
+    return {(kind, status): int(n) for kind, status, n in executor.execute(statement)}
 
 
 def count_total(executor: Executor) -> int:

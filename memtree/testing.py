@@ -39,7 +39,7 @@ ANY: Any = _Any()
 
 
 class FakeClock:
-    """A clock in epoch milliseconds that moves only when told: ``Queue(engine, clock=FakeClock())``."""
+    """Epoch milliseconds that move only when told: ``Queue(engine, clock=FakeClock())``."""
 
     def __init__(self, now_ms: int = 1_767_225_600_000) -> None:  # 2026-01-01T00:00:00Z
         self.now_ms = now_ms
@@ -117,9 +117,9 @@ def assert_enqueued(
         seen = "\n".join(
             f"  {job.kind} {job.payload_json} dedupe_key={job.dedupe_key!r}" for job in found[:20]
         )
+        scope = " of that kind" if kind_filter else ""
         raise AssertionError(
             f"no {wanted.value} job with kind={kind!r} payload={payload!r} "
-            f"dedupe_key={dedupe_key!r}; {wanted.value} jobs{' of that kind' if kind_filter else ''}:"
-            f"\n{seen or '  (none)'}"
+            f"dedupe_key={dedupe_key!r}; {wanted.value} jobs{scope}:\n{seen or '  (none)'}"
         )
     return matches

@@ -24,16 +24,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from memtree import settle, wakeup
+from memtree import settle, tracing, wakeup
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
 from memtree.types import Job, JobKind, NewJob, check_kind
+
+if TYPE_CHECKING:
+    from memtree.metrics import Metrics
 
 __all__ = [
     "DEFAULT_GATES",
@@ -205,6 +208,25 @@ def classify_error(error: BaseException) -> tuple[str, float]:
     return "other", 0.5
 
 
+def _fields(job: Job, duration_s: float | None = None) -> dict[str, Any]:
+    """The structured fields of a job's log records."""
+    fields: dict[str, Any] = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
+    if duration_s is not None:
+        fields["duration_ms"] = int(duration_s * 1000)
+    return fields
+
+
+def _span_attributes(job: Job) -> dict[str, Any]:
+    return {"memtree.job_id": job.id, "memtree.kind": job.kind, "memtree.attempt": job.attempts}
+
+
+@dataclass(frozen=True, slots=True)
+class _Completed:
+    job: Job
+    followups: list[NewJob]
+    duration_s: float
+
+
 @dataclass
 class _Running:
     job: Job
@@ -246,6 +268,7 @@ class Worker:
         prune_interval_s: float = 600.0,
         session_factory: Callable[[], Session] | None = None,
         name: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(queue, Queue):
             raise ConfigurationError("Worker needs a memtree.Queue")
@@ -279,6 +302,7 @@ class Worker:
             "prune": prune_interval_s,
         }
         self.retention_ms = retention_ms
+        self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self._session_factory = session_factory or sessionmaker(bind=queue.engine)
 
@@ -307,7 +331,7 @@ class Worker:
         self._stopping = threading.Event()
         self._running: dict[str, _Running] = {}
         self._gate_busy: dict[str, int] = {gate.name: 0 for gate in self.gates}
-        self._completed: list[tuple[Job, list[NewJob]]] = []
+        self._completed: list[_Completed] = []
         self._tasks: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._settled = 0
@@ -405,7 +429,10 @@ class Worker:
                 if free <= 0:
                     continue  # a full gate: its kinds are not claimed, nothing spins
             jobs = self._guarded(functools.partial(self._claim_group, free, kinds), "claim")
+            now_ms = self.queue.now_ms()
             for job in jobs or ():
+                if self.metrics is not None:
+                    self.metrics.on_claimed(job, now_ms)
                 self._dispatch(job, gate)
                 claimed += 1
         return claimed
@@ -443,9 +470,7 @@ class Worker:
     # -- running a job -----------------------------------------------------------------
 
     def _dispatch(self, job: Job, gate: Gate | None) -> None:
-        adapter = logging.LoggerAdapter(
-            log, {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
-        )
+        adapter = logging.LoggerAdapter(log, _fields(job))
         context = JobContext(job, self.queue, self._session_factory, adapter)
         with self._lock:
             self._running[job.id] = _Running(job, context, gate)
@@ -478,45 +503,45 @@ class Worker:
     def _execute(self, entry: _Running) -> None:
         job, ctx = entry.job, entry.context
         outcome: object
-        try:
-            outcome = self.handlers[job.kind](ctx)
-        except Exception as exc:
-            outcome = exc
-        duration_ms = int((time.monotonic() - entry.started) * 1000)
-        fields = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
-        fields["duration_ms"] = duration_ms
+        with tracing.span(f"memtree.job {job.kind}", _span_attributes(job)):
+            try:
+                outcome = self.handlers[job.kind](ctx)
+            except Exception as exc:
+                outcome = exc
+        duration_s = time.monotonic() - entry.started
+        fields = _fields(job, duration_s)
         if ctx.lease_lost.is_set():
             ctx._close(commit=False)
-            log.warning(
-                "job %s ran past a lost lease; its result is not settled", job.id, extra=fields
-            )
+            self._finish(job, "lease_lost", False, duration_s, fields)
             return
         if outcome is None:
-            self._complete(entry, fields)
+            if not ctx.uses_session:
+                # Settled by the loop in a batch with others (see _flush_completed).
+                with self._lock:
+                    self._completed.append(_Completed(job, list(ctx._followups), duration_s))
+                return
+            self._finish(job, "done", self._commit(ctx, fields), duration_s, fields)
             return
         ctx._close(commit=False)
         if isinstance(outcome, Defer):
             until = outcome.resolve(self.queue.now_ms())
-            settled = self._retrying(lambda: self.queue.mark_deferred(job, until, outcome.reason))
-            settled = self._settled_or_cancelled(job, settled)
             log.info("job %s deferred: %s", job.id, scrub(outcome.reason), extra=fields)
-        else:
-            error = (
-                outcome
-                if isinstance(outcome, BaseException)
-                else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
-            )
-            settled = self._retrying(lambda: self.queue.mark_failed(job, error))
-            settled = self._settled_or_cancelled(job, settled)
-            log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
-        self._count(job, settled, fields)
-
-    def _complete(self, entry: _Running, fields: dict[str, Any]) -> None:
-        job, ctx = entry.job, entry.context
-        if not ctx.uses_session:
-            with self._lock:
-                self._completed.append((job, list(ctx._followups)))
+            settled = self._retrying(lambda: self.queue.mark_deferred(job, until, outcome.reason))
+            self._finish(job, "deferred", settled, duration_s, fields)
             return
+        error = (
+            outcome
+            if isinstance(outcome, BaseException)
+            else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
+        )
+        log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
+        settled = self._retrying(lambda: self.queue.mark_failed(job, error))
+        self._finish(job, "failed", settled, duration_s, fields)
+
+    def _commit(self, ctx: JobContext, fields: dict[str, Any]) -> bool | None:
+        """Settle ``done`` in the handler's own session: its writes, follow-ups and the
+        completion commit together, or (lease lost, cancel requested) not at all."""
+        job = ctx.job
         try:
             settled = settle.mark_done(
                 ctx.session,
@@ -526,9 +551,8 @@ class Worker:
                 default_max_attempts=self.queue.max_attempts,
             )
             ctx._close(commit=settled)
-            settled = bool(self._settled_or_cancelled(job, settled))
         except Exception as exc:
-            # The transaction is gone with the handler's writes: retry the job later.
+            # The transaction is gone with the handler's writes: run the job again later.
             ctx._close(commit=False)
             label, _ = classify_error(exc)
             log.warning(
@@ -539,19 +563,44 @@ class Worker:
                 extra=fields,
             )
             failure = exc
-            settled = bool(self._retrying(lambda: self.queue.mark_failed(job, failure)))
-        else:
-            if settled and ctx._followups:
-                wakeup.signal(self.queue.engine)
-        self._count(job, settled, fields)
+            self._retrying(lambda: self.queue.mark_failed(job, failure))
+            return None
+        if settled and ctx._followups:
+            wakeup.signal(self.queue.engine)
+        return settled
 
-    def _count(self, job: Job, settled: bool | None, fields: dict[str, Any]) -> None:
+    def _finish(
+        self,
+        job: Job,
+        outcome: str,
+        settled: bool | None,
+        duration_s: float,
+        fields: dict[str, Any],
+    ) -> None:
+        """Count a run. A settle that did not match may have met a cancel request: then
+        the run ends ``cancelled``; otherwise the lease was lost and it is not settled."""
+        if (
+            settled is False
+            and outcome != "lease_lost"
+            and self._retrying(lambda: self.queue.mark_cancelled(job))
+        ):
+            outcome, settled = "cancelled", True
         if settled:
             with self._lock:
                 self._settled += 1
-            log.debug("job %s settled", job.id, extra=fields)
-        else:
+            log.debug("job %s %s", job.id, outcome, extra=fields)
+        elif settled is False:
+            outcome = "lease_lost"
             log.warning("job %s: lease lost before it was settled", job.id, extra=fields)
+        else:
+            log.error(
+                "job %s could not be settled; it runs again when its lease expires",
+                job.id,
+                extra=fields,
+            )
+            return
+        if self.metrics is not None:
+            self.metrics.on_finished(job, outcome, duration_s)
 
     def _flush_completed(self) -> None:
         """Settle every handler-finished job that wrote nothing of its own, in one batch."""
@@ -559,21 +608,14 @@ class Worker:
             batch, self._completed = self._completed, []
         if not batch:
             return
-        settled = self._retrying(lambda: self.queue.mark_done_many(batch))
-        if settled is None:
-            return  # the database stayed away: the leases will expire and be recovered
-        for job, _ in batch:
-            if job.id not in settled and self._settled_or_cancelled(job, False):
-                settled.add(job.id)
-        with self._lock:
-            self._settled += len(settled)
-        for job, _ in batch:
-            if job.id not in settled:
-                log.warning(
-                    "job %s: lease lost before it was settled",
-                    job.id,
-                    extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
-                )
+        settled = self._retrying(
+            lambda: self.queue.mark_done_many([(c.job, c.followups) for c in batch])
+        )
+        for completed in batch:
+            job = completed.job
+            fields = _fields(job, completed.duration_s)
+            matched = None if settled is None else job.id in settled
+            self._finish(job, "done", matched, completed.duration_s, fields)
 
     def _check_cancels(self) -> None:
         """Tell running handlers that were asked to stop (polled while jobs run)."""
@@ -593,19 +635,6 @@ class Worker:
             if not context.cancel_event.is_set():
                 context.cancel_event.set()
                 context.log.info("job %s was asked to stop", job_id)
-
-    def _settled_or_cancelled(self, job: Job, settled: bool | None) -> bool | None:
-        """A settle that did not match may have met a cancel request: end the run cancelled."""
-        if settled or settled is None:
-            return settled
-        cancelled = self._retrying(lambda: self.queue.mark_cancelled(job))
-        if cancelled:
-            log.info(
-                "job %s cancelled",
-                job.id,
-                extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
-            )
-        return bool(cancelled)
 
     def _heartbeat(self) -> None:
         if time.monotonic() < self._next_heartbeat:
@@ -652,6 +681,8 @@ class Worker:
                 result = self._guarded(task, name)
                 if isinstance(result, int) and result and name != "flush_stale":
                     log.info("maintenance %s: %d jobs", name, result)
+                    if name == "recover" and self.metrics is not None:
+                        self.metrics.recovered.inc(result)
 
     def _prune(self) -> int:
         assert self.retention_ms is not None
