@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import URL, Connection, Engine
 
-from memtree import migration, settle, store, wakeup
+from memtree import migration, settle, store, tracing, wakeup
 from memtree.dialects import dialect_for
 from memtree.engine import create_engine
 from memtree.errors import (
@@ -201,7 +201,10 @@ class Queue:
 
     def enqueue(self, job: NewJob) -> str | None:
         """Insert one job; its id, or None when its dedupe key is active."""
-        with self.transaction() as conn:
+        with (
+            tracing.span("memtree.enqueue", {"memtree.kind": str(job.kind)}),
+            self.transaction() as conn,
+        ):
             job_id = store.enqueue(
                 conn, job, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
             )
@@ -212,7 +215,10 @@ class Queue:
     def enqueue_many(self, jobs: Iterable[NewJob]) -> list[str | None]:
         """Insert many jobs in one transaction; None where dedupe suppressed one."""
         batch = list(jobs)
-        with self.transaction() as conn:
+        with (
+            tracing.span("memtree.enqueue_many", {"memtree.count": len(batch)}),
+            self.transaction() as conn,
+        ):
             ids = store.enqueue_many(
                 conn, batch, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
             )
@@ -429,7 +435,7 @@ class Queue:
 
 def enqueue(executor: Executor, job: NewJob, *, now_ms: int | None = None) -> str | None:
     """Enqueue inside the caller's ``Session`` or ``Connection``; commits with it, or never."""
-    with store.translate_errors():
+    with tracing.span("memtree.enqueue", {"memtree.kind": str(job.kind)}), store.translate_errors():
         job_id = store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
     if job_id is not None:
         wakeup.after_commit(executor)
