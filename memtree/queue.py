@@ -364,6 +364,18 @@ class Queue:
             count = settle.requeue_failed(conn, now_ms=self.now_ms())
         return self._made_ready(count)
 
+    def requeue_job(self, job_id: str) -> bool:
+        """Retry one failed or cancelled job with a fresh budget; False if it cannot be."""
+        with self.transaction() as conn:
+            requeued = settle.requeue_job(conn, job_id, now_ms=self.now_ms())
+        self._made_ready(int(requeued))
+        return requeued
+
+    def count_retired(self) -> int:
+        """Rows of retired kinds still in the table (purged by workers at start)."""
+        with self.transaction() as conn:
+            return store.count_retired(conn)
+
     def requeue_transient_failed(self) -> int:
         with self.transaction() as conn:
             count = settle.requeue_transient_failed(conn, now_ms=self.now_ms())

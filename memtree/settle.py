@@ -64,6 +64,7 @@ __all__ = [
     "recover_stale_locks",
     "release_running_locks",
     "requeue_failed",
+    "requeue_job",
     "requeue_transient_failed",
 ]
 
@@ -444,7 +445,9 @@ def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:
 
 
 @cache
-def _requeue_statement(transient_only: bool) -> Update:
+def _requeue_statement(transient_only: bool, one: bool = False) -> Update:
+    """The requeue: every matching failed row, or (``one``) the failed or cancelled row
+    ``:job_id``; never a row whose dedupe key is active again."""
     active = jobs.alias("active")
     newer = jobs.alias("newer")
     key_is_free = ~exists(
@@ -463,31 +466,43 @@ def _requeue_statement(transient_only: bool) -> Update:
             )
         )
     )
-    return (
-        update(jobs)
-        .where(_failed(jobs, transient_only))
-        .where(or_(jobs.c.dedupe_key.is_(None), and_(key_is_free, is_newest)))
-        .values(
-            status=READY,
-            attempts=0,
-            available_at_ms=bindparam("now"),
-            locked_until_ms=NULL,
-            started_at_ms=NULL,
-            completed_at_ms=NULL,
-            last_error=NULL,
-            failure_reason=NULL,
-            failure_class=NULL,
-            lease_token=NULL,
+    if one:
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == bindparam("job_id"))
+            .where(jobs.c.status.in_([FAILED, CANCELLED]))
+            .where(or_(jobs.c.dedupe_key.is_(None), key_is_free))
         )
+    else:
+        statement = (
+            update(jobs)
+            .where(_failed(jobs, transient_only))
+            .where(or_(jobs.c.dedupe_key.is_(None), and_(key_is_free, is_newest)))
+        )
+    return statement.values(
+        status=READY,
+        attempts=0,
+        available_at_ms=bindparam("now"),
+        locked_until_ms=NULL,
+        started_at_ms=NULL,
+        completed_at_ms=NULL,
+        last_error=NULL,
+        failure_reason=NULL,
+        failure_class=NULL,
+        lease_token=NULL,
+        cancel_requested_at_ms=NULL,
     )
 
 
-def _requeue(executor: Executor, *, now_ms: int, transient_only: bool) -> int:
-    statement = _requeue_statement(transient_only)
+def _requeue(
+    executor: Executor, *, now_ms: int, transient_only: bool, job_id: str | None = None
+) -> int:
+    statement = _requeue_statement(transient_only, job_id is not None)
+    params = {"now": now_ms, "job_id": job_id}
     for attempt in range(_REQUEUE_RETRIES):
         savepoint = executor.begin_nested()
         try:
-            count = store.rowcount(executor.execute(statement, {"now": now_ms}))
+            count = store.rowcount(executor.execute(statement, params))
         except sa_exc.IntegrityError:
             # A concurrent enqueue took a key between our check and our write.
             savepoint.rollback()
@@ -503,6 +518,12 @@ def requeue_failed(executor: Executor, *, now_ms: int) -> int:
     """Every ``failed`` row back to ``ready`` with a fresh budget, except rows whose key is
     active again; of several failed rows sharing a key, only the newest."""
     return _requeue(executor, now_ms=now_ms, transient_only=False)
+
+
+def requeue_job(executor: Executor, job_id: str, *, now_ms: int) -> bool:
+    """One ``failed`` or ``cancelled`` job back to ``ready`` with a fresh budget; False when
+    it is in another status, unknown, or its dedupe key is active again."""
+    return _requeue(executor, now_ms=now_ms, transient_only=False, job_id=job_id) == 1
 
 
 def requeue_transient_failed(executor: Executor, *, now_ms: int) -> int:

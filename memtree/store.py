@@ -69,6 +69,7 @@ __all__ = [
     "count_by_kind_and_status",
     "count_by_status",
     "count_failed_unrecoverable",
+    "count_retired",
     "count_total",
     "dialect_of",
     "enqueue",
@@ -478,6 +479,11 @@ def count_by_kind_and_status(executor: Executor) -> dict[tuple[str, str], int]:
         jobs.c.kind, jobs.c.status
     )
     return {(kind, status): int(n) for kind, status, n in executor.execute(statement)}
+
+
+def count_retired(executor: Executor) -> int:
+    statement = select(func.count()).select_from(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS))
+    return int(executor.execute(statement).scalar_one())
 
 
 def count_total(executor: Executor) -> int:

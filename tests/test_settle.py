@@ -470,3 +470,24 @@ def test_requeue_transient_considers_only_transient_rows_for_the_newest(
     fail_for_good(queue, NewJob("k", dedupe_key="s"), JobFailure.unrecoverable("u"))
     assert queue.requeue_transient_failed() == 1
     assert row(queue, transient).status is JobStatus.READY
+
+
+def test_requeue_job_retries_one_failed_or_cancelled_job(queue: Queue) -> None:
+    failed = fail_for_good(queue, NewJob("k", dedupe_key="one"))
+    cancelled = queue.enqueue(NewJob("k"))
+    queue.cancel(cancelled or "")
+    ready = queue.enqueue(NewJob("k", {"ready": True}))
+    assert queue.requeue_job(failed)
+    assert queue.requeue_job(cancelled or "")
+    assert not queue.requeue_job(ready or ""), "a ready job is not retried"
+    assert not queue.requeue_job("job:unknown")
+    for job_id in (failed, cancelled):
+        job = row(queue, job_id)
+        assert (job.status, job.attempts, job.cancel_requested_at_ms) == (JobStatus.READY, 0, None)
+
+
+def test_requeue_job_leaves_a_job_whose_key_is_active_again(queue: Queue) -> None:
+    failed = fail_for_good(queue, NewJob("k", dedupe_key="busy"))
+    queue.enqueue(NewJob("k", dedupe_key="busy"))
+    assert not queue.requeue_job(failed)
+    assert row(queue, failed).status is JobStatus.FAILED
