@@ -291,5 +291,45 @@ def worker(
         engine.dispose()
 
 
+@main.command()
+@click.option(
+    "--db",
+    "db_path",
+    metavar="PATH",
+    default=None,
+    help="The demo's SQLite file, deleted and rebuilt on every run [default: memtree-demo.db].",
+)
+@click.option(
+    "--corpus",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A directory of .txt files to ingest [default: the built-in notes].",
+)
+@click.pass_context
+@_one_line_errors
+def demo(ctx: click.Context, db_path: str | None, corpus: str | None) -> None:
+    """Build memory trees from a small corpus with a real worker, on a fresh SQLite file.
+
+    The group's --database-url is used only when given on the command line (never from
+    MEMTREE_DATABASE_URL, which usually names a real database; the demo wipes its own).
+    """
+    from click.core import ParameterSource
+
+    from memtree.demo import DEFAULT_DB, run_demo
+
+    database_url = None
+    group = ctx.parent
+    if group is not None and group.get_parameter_source("database_url") is (
+        ParameterSource.COMMANDLINE
+    ):
+        if db_path is not None:
+            raise click.UsageError("give --db or the group's --database-url, not both")
+        obj: Context = ctx.obj
+        database_url = obj.database_url
+    report = run_demo(db_path or DEFAULT_DB, corpus, database_url=database_url)
+    if report.count("failed") or report.count("ready") or report.count("running"):
+        raise click.ClickException("the demo left jobs unfinished: see the table above")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(prog_name=os.path.basename(sys.argv[0])))

@@ -356,8 +356,10 @@ class Worker:
                 signal.signal(signum, previous)
 
     def run_until_idle(self) -> int:
-        """Work until no job is due and none is running; return how many jobs were settled."""
-        self._stopping.clear()
+        """Work until no job is due and none is running; return how many jobs were settled.
+
+        Can be called again and again (a test's drain); a stopped worker stays stopped.
+        """
         before = self._settled
         self._start(listen=False)
         try:
@@ -365,6 +367,7 @@ class Worker:
         finally:
             self._flush_completed()
             wakeup.unsubscribe(self.queue.engine, self._wake)
+            self._stop_threads()
         return self._settled - before
 
     def stop(self) -> None:
@@ -407,8 +410,8 @@ class Worker:
                 continue
             with self._lock:
                 busy = bool(self._running) or bool(self._completed)
-            timeout = self._idle_timeout()
-            if until_idle and not busy and (timeout is None or timeout > 0):
+            timeout, due_now = self._idle_timeout()
+            if until_idle and not busy and not due_now:
                 return
             self._wake.wait(self.poll_interval_s if timeout is None else timeout)
 
@@ -449,8 +452,9 @@ class Worker:
                 for kind in kinds
             )
 
-    def _idle_timeout(self) -> float | None:
-        """Seconds until something is due (a scheduled job, a heartbeat, maintenance)."""
+    def _idle_timeout(self) -> tuple[float | None, bool]:
+        """Seconds until something is due (a scheduled job, a heartbeat, maintenance), and
+        whether a job this worker could claim is due already."""
         now = time.monotonic()
         deadlines = [self._next_heartbeat] if self.running_jobs else []
         deadlines.extend(self._due.values())
@@ -460,12 +464,13 @@ class Worker:
             if due_ms is not None:
                 wait = (due_ms - self.queue.now_ms()) / 1000
                 if wait <= 0:
-                    # Due but not claimed: another worker holds it, or the database is busy.
-                    return min(self.poll_interval_s, 0.05)
+                    # Due but not claimed yet: a gate just freed, another worker holds the
+                    # row for a moment, or the database is busy. Look again shortly.
+                    return min(self.poll_interval_s, 0.05), True
                 deadlines.append(now + wait)
         if not deadlines:
-            return None
-        return max(min(min(deadlines) - now, self.poll_interval_s), 0.0) or 0.001
+            return None, False
+        return max(min(min(deadlines) - now, self.poll_interval_s), 0.001), False
 
     # -- running a job -----------------------------------------------------------------
 
@@ -772,6 +777,10 @@ class Worker:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        """Let the handler threads exit once they finish what they run."""
         for _ in self._threads:
             self._tasks.put(None)
         self._threads = []

@@ -576,3 +576,25 @@ def test_worker_settings_are_validated(app: Queue) -> None:
         Worker(app, {"topic_route": lambda ctx: None})
     with pytest.raises(memtree.ConfigurationError):
         Defer(until_ms=1, delay_ms=1)
+
+
+def test_repeated_run_until_idle_leaves_no_handler_threads_behind(app: Queue) -> None:
+    handlers = Handlers()
+    handlers.register("k")(lambda ctx: None)
+    worker = Worker(app, handlers, concurrency=3)
+    for i in range(5):
+        app.enqueue(NewJob("k", i))
+        assert worker.run_until_idle() == 1
+    time.sleep(0.2)
+    alive = [t for t in threading.enumerate() if t.name.startswith("memtree-handler")]
+    assert len(alive) <= 3, f"{len(alive)} handler threads still alive"
+
+
+def test_run_until_idle_does_not_return_while_a_gated_job_is_due(app: Queue) -> None:
+    """A gate that frees while the loop looks elsewhere must not end the drain early."""
+    handlers = Handlers()
+    handlers.register("gated")(lambda ctx: time.sleep(0.01))
+    app.enqueue_many([NewJob("gated", i) for i in range(12)])
+    worker = Worker(app, handlers, concurrency=4, gates=[Gate("one", 1, ("gated",))])
+    assert worker.run_until_idle() == 12
+    assert app.count_by_status(JobStatus.READY) == 0
