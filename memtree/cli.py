@@ -6,20 +6,33 @@ database password never appears in output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from alembic.util import CommandError
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
 from memtree import migration
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url
-from memtree.errors import MemtreeError
+from memtree.errors import DatabaseError, MemtreeError
+from memtree.queue import Queue
+from memtree.redact import scrub
+from memtree.types import CancelOutcome, Job, JobStatus, NewJob
 
 __all__ = ["main"]
 
@@ -40,6 +53,8 @@ def _one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except DatabaseError as exc:
+            raise click.ClickException(f"database error: {str(exc).splitlines()[0]}") from None
         except (MemtreeError, CommandError) as exc:
             raise click.ClickException(str(exc).splitlines()[0]) from None
         except sa_exc.ArgumentError as exc:
@@ -220,6 +235,16 @@ def load_handlers(target: str) -> Any:
     return handlers
 
 
+def _serve_metrics(queue: Queue, port: int, addr: str) -> Any:
+    try:
+        from memtree.metrics import serve
+    except ImportError:
+        raise click.ClickException(
+            "--metrics-port needs prometheus-client: pip install 'memtree[metrics]'"
+        ) from None
+    return serve(queue, port, addr)
+
+
 @main.command()
 @click.option("--app", "app", required=True, help="module:attribute of a kind -> handler mapping.")
 @click.option("--concurrency", default=4, show_default=True, help="Handler threads.")
@@ -237,6 +262,13 @@ def load_handlers(target: str) -> Any:
 )
 @click.option("--no-gates", is_flag=True, help="Run without the default LLM gate.")
 @click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus metrics on this port (needs memtree[metrics]).",
+)
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -253,12 +285,13 @@ def worker(
     shutdown_grace: float,
     retention: int,
     no_gates: bool,
+    metrics_port: int | None,
+    metrics_addr: str,
     log_level: str,
 ) -> None:
     """Run a worker for the handlers in --app until SIGINT/SIGTERM."""
     import logging
 
-    from memtree.queue import Queue
     from memtree.types import DEFAULT_LOCK_DURATION_MS
     from memtree.worker import DEFAULT_GATES, Worker
 
@@ -280,6 +313,7 @@ def worker(
             poll_interval_s=poll_interval,
             shutdown_grace_s=shutdown_grace,
             retention_ms=retention,
+            metrics=_serve_metrics(queue, metrics_port, metrics_addr) if metrics_port else None,
         )
         click.echo(
             f"memtree worker {runner.name} on {_safe_url(obj.database_url)}: "
@@ -329,6 +363,359 @@ def demo(ctx: click.Context, db_path: str | None, corpus: str | None) -> None:
     report = run_demo(db_path or DEFAULT_DB, corpus, database_url=database_url)
     if report.count("failed") or report.count("ready") or report.count("running"):
         raise click.ClickException("the demo left jobs unfinished: see the table above")
+
+
+# -- operations ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_queue(obj: Context) -> Iterator[Queue]:
+    engine = obj.engine()
+    try:
+        yield Queue(engine)
+    finally:
+        engine.dispose()
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+
+
+def _ago(ms: int) -> str:
+    seconds = abs(ms) / 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    data = dataclasses.asdict(job)
+    data["status"] = job.status.value
+    try:
+        data["payload"] = job.payload
+    except ValueError:
+        data["payload"] = None
+    return data
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def _status_report(queue: Queue, url: str) -> dict[str, Any]:
+    now = queue.now_ms()
+    by_kind: dict[str, dict[str, int]] = {}
+    totals = {status.value: 0 for status in JobStatus}
+    for (kind, status), count in queue.count_by_kind_and_status().items():
+        by_kind.setdefault(kind, {})[status] = count
+        totals[status] = totals.get(status, 0) + count
+    due = queue.next_due_ms()
+    running = [
+        {
+            "id": job.id,
+            "kind": job.kind,
+            "attempts": job.attempts,
+            "locked_until_ms": job.locked_until_ms,
+            "lease_expires_in_ms": None
+            if job.locked_until_ms is None
+            else job.locked_until_ms - now,
+            "cancel_requested": job.cancel_requested_at_ms is not None,
+        }
+        for job in queue.list_jobs(status=JobStatus.RUNNING, limit=50)
+    ]
+    return {
+        "database": url,
+        "now_ms": now,
+        "counts": totals,
+        "by_kind": by_kind,
+        "oldest_due_age_ms": None if due is None or due > now else now - due,
+        "next_due_in_ms": None if due is None or due <= now else due - now,
+        "running": running,
+        "failed_unrecoverable": queue.count_failed_unrecoverable(),
+        "retired": queue.count_retired(),
+    }
+
+
+def _render_status(report: dict[str, Any]) -> Group:
+    summary = Table(title=f"memtree: {report['database']}", show_edge=False)
+    statuses = [status.value for status in JobStatus]
+    summary.add_column("kind")
+    for status in statuses:
+        summary.add_column(status, justify="right")
+    for kind, counts in sorted(report["by_kind"].items()):
+        summary.add_row(kind, *(str(counts.get(status, 0)) for status in statuses))
+    summary.add_row("[b]total", *(f"[b]{report['counts'].get(s, 0)}" for s in statuses))
+    lines = []
+    if report["oldest_due_age_ms"] is not None:
+        lines.append(f"oldest due ready job waiting: {_ago(report['oldest_due_age_ms'])}")
+    elif report["next_due_in_ms"] is not None:
+        lines.append(f"nothing due; next job due in {_ago(report['next_due_in_ms'])}")
+    else:
+        lines.append("no ready jobs")
+    lines.append(f"failed, unrecoverable: {report['failed_unrecoverable']}")
+    if report["retired"]:
+        lines.append(f"rows of retired kinds: {report['retired']} (purged when a worker starts)")
+    parts: list[Any] = [summary, Text("\n".join(lines))]
+    if report["running"]:
+        running = Table(title="running", show_edge=False)
+        for column in ("id", "kind", "attempt", "lease"):
+            running.add_column(column)
+        for job in report["running"]:
+            left = job["lease_expires_in_ms"]
+            lease = (
+                "-"
+                if left is None
+                else (f"expires in {_ago(left)}" if left >= 0 else f"[red]expired {_ago(left)} ago")
+            )
+            if job["cancel_requested"]:
+                lease += " (cancel requested)"
+            running.add_row(job["id"], job["kind"], str(job["attempts"]), lease)
+        parts.append(running)
+    return Group(*parts)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.pass_obj
+@_one_line_errors
+def status(obj: Context, as_json: bool, watch: bool, interval: float) -> None:
+    """Counts by status and kind, the oldest waiting job, running leases."""
+    url = _safe_url(obj.database_url)
+    with _open_queue(obj) as queue:
+        if as_json:
+            _echo_json(_status_report(queue, url))
+            return
+        console = Console()
+        if not watch:
+            console.print(_render_status(_status_report(queue, url)))
+            return
+        with Live(_render_status(_status_report(queue, url)), console=console) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    live.update(_render_status(_status_report(queue, url)))
+            except KeyboardInterrupt:
+                pass
+
+
+@main.command()
+@click.argument("kind")
+@click.option("--payload", default="null", help="The payload, as JSON.")
+@click.option("--dedupe-key", default=None)
+@click.option("--delay", type=Duration(), default=None, help="Due after this, e.g. 30s.")
+@click.option("--at", "at", default=None, help="Due at this ISO 8601 time.")
+@click.option("--max-attempts", type=int, default=None)
+@click.pass_obj
+@_one_line_errors
+def enqueue(
+    obj: Context,
+    kind: str,
+    payload: str,
+    dedupe_key: str | None,
+    delay: int | None,
+    at: str | None,
+    max_attempts: int | None,
+) -> None:
+    """Enqueue a job of KIND."""
+    try:
+        value = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    if delay is not None and at is not None:
+        raise click.UsageError("give --delay or --at, not both")
+    with _open_queue(obj) as queue:
+        available: int | None = None
+        if delay is not None:
+            available = queue.now_ms() + delay
+        elif at is not None:
+            try:
+                moment = datetime.fromisoformat(at)
+            except ValueError:
+                raise click.BadParameter(
+                    f"{at!r} is not an ISO 8601 time", param_hint="--at"
+                ) from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            available = int(moment.timestamp() * 1000)
+        job_id = queue.enqueue(NewJob(kind, value, dedupe_key, available, max_attempts))
+    if job_id is None:
+        click.echo(f"suppressed: a job with dedupe key {dedupe_key!r} is already active")
+    else:
+        click.echo(job_id)
+
+
+@main.group()
+def jobs() -> None:
+    """List, inspect, retry, cancel and prune jobs."""
+
+
+@jobs.command("list")
+@click.option("--status", "status_", type=click.Choice([s.value for s in JobStatus]), default=None)
+@click.option("--kind", default=None)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@_one_line_errors
+def jobs_list(
+    obj: Context, status_: str | None, kind: str | None, limit: int, as_json: bool
+) -> None:
+    """The newest jobs, filtered by status and kind."""
+    with _open_queue(obj) as queue:
+        found = queue.list_jobs(status=status_, kind=kind, limit=limit)
+    if as_json:
+        _echo_json([_job_dict(job) for job in found])
+        return
+    table = Table(show_edge=False)
+    for column in ("id", "kind", "status", "attempts", "due", "last error"):
+        table.add_column(column, overflow="fold")
+    for job in found:
+        error = scrub(job.last_error or "", max_bytes=80)
+        table.add_row(
+            job.id,
+            job.kind,
+            job.status.value,
+            f"{job.attempts}/{job.max_attempts}",
+            _iso(job.available_at_ms),
+            error,
+        )
+    Console().print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@_one_line_errors
+def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
+    """Every column of one job, its payload pretty-printed, and its last error."""
+    with _open_queue(obj) as queue:
+        job = queue.get_job(job_id)
+    if job is None:
+        raise click.ClickException(f"no job with id {job_id!r}")
+    data = _job_dict(job)
+    if as_json:
+        _echo_json(data)
+        return
+    table = Table(show_header=False, show_edge=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in data.items():
+        if name in ("payload", "payload_json", "last_error"):
+            continue
+        shown = _iso(value) if name.endswith("_ms") and isinstance(value, int) else value
+        table.add_row(name, "-" if shown is None else str(shown))
+    console = Console()
+    console.print(table)
+    console.print("[bold]payload")
+    console.print_json(job.payload_json) if data["payload"] is not None else console.print(
+        job.payload_json
+    )
+    if job.last_error:
+        console.print("[bold]last error")
+        console.print(job.last_error, markup=False, highlight=False)
+
+
+@jobs.command("retry")
+@click.argument("job_id", required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed job.")
+@click.option("--transient-only", is_flag=True, help="Failed jobs that are not unrecoverable.")
+@click.pass_obj
+@_one_line_errors
+def jobs_retry(obj: Context, job_id: str | None, all_failed: bool, transient_only: bool) -> None:
+    """Retry a failed or cancelled job, every failed job, or the transient ones."""
+    if sum((job_id is not None, all_failed, transient_only)) != 1:
+        raise click.UsageError("give one of JOB_ID, --failed or --transient-only")
+    with _open_queue(obj) as queue:
+        if job_id is not None:
+            if queue.requeue_job(job_id):
+                click.echo(f"requeued {job_id}")
+                return
+            job = queue.get_job(job_id)
+            if job is None:
+                raise click.ClickException(f"no job with id {job_id!r}")
+            raise click.ClickException(
+                f"job {job_id} is {job.status.value}: only failed or cancelled jobs whose "
+                "dedupe key is free can be retried"
+            )
+        count = queue.requeue_transient_failed() if transient_only else queue.requeue_failed()
+    click.echo(f"requeued {count} jobs")
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+@_one_line_errors
+def jobs_cancel(obj: Context, job_id: str) -> None:
+    """Cancel a ready job, or ask a running one to stop."""
+    with _open_queue(obj) as queue:
+        result = queue.cancel(job_id)
+    if result is None:
+        raise click.ClickException(f"no job with id {job_id!r}")
+    if result is CancelOutcome.CANCELLED:
+        click.echo(f"cancelled {job_id}")
+    elif result is CancelOutcome.REQUESTED:
+        click.echo(f"asked {job_id} to stop: it ends cancelled when its handler returns")
+    else:
+        with _open_queue(obj) as queue:
+            job = queue.get_job(job_id)
+        state = job.status.value if job else "gone"
+        raise click.ClickException(f"job {job_id} has already finished: it is {state}")
+
+
+@jobs.command("prune")
+@click.option("--older-than", type=Duration(), required=True, help="e.g. 7d")
+@click.option(
+    "--status",
+    "status_",
+    type=click.Choice([JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+    default=JobStatus.DONE.value,
+    show_default=True,
+)
+@click.option("--batch", default=10_000, show_default=True, help="Rows per statement.")
+@click.pass_obj
+@_one_line_errors
+def jobs_prune(obj: Context, older_than: int, status_: str, batch: int) -> None:
+    """Delete finished jobs completed longer ago than --older-than, in batches."""
+    total = 0
+    with _open_queue(obj) as queue:
+        cutoff = queue.now_ms() - older_than
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True)
+        ) as progress:
+            task = progress.add_task(f"pruning {status_} jobs", total=None)
+            while True:
+                pruned = queue.prune(status_, cutoff, limit=batch)
+                total += pruned
+                progress.update(task, description=f"pruned {total} {status_} jobs")
+                if pruned < batch:
+                    break
+    click.echo(f"pruned {total} {status_} jobs completed before {_iso(cutoff)}")
+
+
+@jobs.command("purge-retired")
+@click.pass_obj
+@_one_line_errors
+def jobs_purge_retired(obj: Context) -> None:
+    """Delete jobs of retired kinds (topic_route, digest_daily)."""
+    with _open_queue(obj) as queue:
+        click.echo(f"purged {queue.purge_retired_jobs()} retired jobs")
+
+
+@main.command()
+@click.pass_obj
+@_one_line_errors
+def recover(obj: Context) -> None:
+    """Return jobs whose lease expired to ready now (workers also do it every 30 s)."""
+    with _open_queue(obj) as queue:
+        click.echo(f"recovered {queue.recover_stale_locks()} jobs")
 
 
 if __name__ == "__main__":  # pragma: no cover

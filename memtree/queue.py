@@ -35,6 +35,7 @@ from memtree.types import (
     DEFAULT_MAX_DEFER_AGE_MS,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
+    CancelOutcome,
     Job,
     JobFailure,
     JobStatus,
@@ -311,18 +312,18 @@ class Queue:
         with self.transaction() as conn:
             return settle.extend_lease(conn, job, now_ms=self.now_ms(), lock_duration_ms=lease)
 
-    def cancel(self, job_id: str) -> JobStatus | None:
+    def cancel(self, job_id: str) -> CancelOutcome | None:
         """Cancel a ``ready`` job at once, or ask a ``running`` one to stop.
 
-        Returns the status after the call: ``cancelled``; ``running`` when its worker was
-        asked to stop (it ends ``cancelled`` once the handler returns); a terminal status
-        the job already had; or None when there is no such job.
+        Returns ``CANCELLED``, ``REQUESTED`` (the job ends ``cancelled`` once its handler
+        returns), ``FINISHED`` (it had already finished; nothing changed), or None when
+        there is no such job.
         """
         with self.transaction() as conn:
-            status = settle.cancel(conn, job_id, now_ms=self.now_ms())
-        if status is JobStatus.RUNNING:
-            wakeup.signal(self.engine)  # workers in this process check at once
-        return status
+            outcome = settle.cancel(conn, job_id, now_ms=self.now_ms())
+        if outcome is CancelOutcome.REQUESTED:
+            wakeup.signal(self.engine)  # workers in this process look at once
+        return outcome
 
     def mark_cancelled(self, job: Job) -> bool:
         """End a run that was asked to stop as ``cancelled``; False if the lease was lost."""

@@ -42,9 +42,9 @@ from memtree.types import (
     DEFAULT_MAX_DEFER_AGE_MS,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
+    CancelOutcome,
     Job,
     JobFailure,
-    JobStatus,
     NewJob,
     backoff_ms,
     check_ms,
@@ -245,10 +245,9 @@ def mark_cancelled(executor: Executor, job: Job, *, now_ms: int) -> bool:
     return _settled(executor, "cancelled", job, {"now": now_ms})
 
 
-def cancel(executor: Executor, job_id: str, *, now_ms: int) -> JobStatus | None:
+def cancel(executor: Executor, job_id: str, *, now_ms: int) -> CancelOutcome | None:
     """Cancel a job: a ``ready`` one at once (its dedupe key is free again), a ``running``
-    one by asking its worker to stop. Returns the job's status after the call (``running``
-    for a request), or None when there is no such job."""
+    one by asking its worker to stop. None when there is no such job."""
     cancelled = executor.execute(
         update(jobs)
         .where(jobs.c.id == job_id)
@@ -257,7 +256,7 @@ def cancel(executor: Executor, job_id: str, *, now_ms: int) -> JobStatus | None:
         .returning(jobs.c.id)
     ).first()
     if cancelled is not None:
-        return JobStatus.CANCELLED
+        return CancelOutcome.CANCELLED
     requested = executor.execute(
         update(jobs)
         .where(jobs.c.id == job_id)
@@ -266,9 +265,9 @@ def cancel(executor: Executor, job_id: str, *, now_ms: int) -> JobStatus | None:
         .returning(jobs.c.id)
     ).first()
     if requested is not None:
-        return JobStatus.RUNNING
-    job = store.get_job(executor, job_id)
-    return None if job is None else job.status
+        return CancelOutcome.REQUESTED
+    found = executor.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first()
+    return None if found is None else CancelOutcome.FINISHED
 
 
 def _held(held: Sequence[Job]) -> ColumnElement[bool]:

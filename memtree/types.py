@@ -29,6 +29,7 @@ __all__ = [
     "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
+    "CancelOutcome",
     "FailureClass",
     "Job",
     "JobFailure",
@@ -94,6 +95,17 @@ class FailureClass(StrEnum):
 
     TRANSIENT = "transient"
     UNRECOVERABLE = "unrecoverable"
+
+
+class CancelOutcome(StrEnum):
+    """What :meth:`memtree.Queue.cancel` did."""
+
+    #: The job was ready: it is cancelled now, and its dedupe key is free.
+    CANCELLED = "cancelled"
+    #: The job is running: its worker was asked to stop; it ends cancelled when its handler returns.
+    REQUESTED = "requested"
+    #: The job had already finished (done, failed or cancelled): nothing changed.
+    FINISHED = "finished"
 
 
 def is_retired_kind(kind: str) -> bool:

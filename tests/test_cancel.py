@@ -7,7 +7,7 @@ import threading
 from sqlalchemy import Engine, Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from memtree import JobStatus, NewJob, Queue
+from memtree import CancelOutcome, JobStatus, NewJob, Queue
 from memtree.worker import Handlers, JobContext, Worker
 from tests.conftest import FakeClock
 
@@ -23,7 +23,7 @@ class Mark(Base):
 
 def test_cancel_a_ready_job_at_once_and_free_its_key(queue: Queue, clock: FakeClock) -> None:
     job_id = queue.enqueue(NewJob("k", dedupe_key="only-one"))
-    assert queue.cancel(job_id or "") is JobStatus.CANCELLED
+    assert queue.cancel(job_id or "") is CancelOutcome.CANCELLED
     job = queue.get_job(job_id or "")
     assert job is not None and job.status is JobStatus.CANCELLED
     assert job.completed_at_ms == clock.now_ms
@@ -35,7 +35,7 @@ def test_cancel_a_running_job_asks_it_to_stop(queue: Queue) -> None:
     job_id = queue.enqueue(NewJob("k"))
     claimed = queue.claim_next()
     assert claimed is not None
-    assert queue.cancel(job_id or "") is JobStatus.RUNNING
+    assert queue.cancel(job_id or "") is CancelOutcome.REQUESTED
     assert queue.cancel_requested([job_id or "", "job:other"]) == {job_id}
     assert not queue.mark_done(claimed), "a run asked to stop does not end done"
     assert not queue.mark_failed(claimed, "late")
@@ -48,7 +48,7 @@ def test_cancel_of_a_finished_or_unknown_job_changes_nothing(queue: Queue) -> No
     job_id = queue.enqueue(NewJob("k"))
     claimed = queue.claim_next()
     assert claimed is not None and queue.mark_done(claimed)
-    assert queue.cancel(job_id or "") is JobStatus.DONE
+    assert queue.cancel(job_id or "") is CancelOutcome.FINISHED
     assert queue.cancel("job:missing") is None
     assert not queue.mark_cancelled(claimed)
 
@@ -92,7 +92,7 @@ def test_a_running_handler_sees_the_request_and_the_job_ends_cancelled(
     runner = threading.Thread(target=worker.run_until_idle)
     runner.start()
     assert started.wait(30)
-    assert wall_queue.cancel(job_id or "") is JobStatus.RUNNING
+    assert wall_queue.cancel(job_id or "") is CancelOutcome.REQUESTED
     runner.join(60)
     assert seen == [True, True]
     job = wall_queue.get_job(job_id or "")
