@@ -203,7 +203,7 @@ class Queue:
     def enqueue(self, job: NewJob) -> str | None:
         """Insert one job; its id, or None when its dedupe key is active."""
         with (
-            tracing.span("memtree.enqueue", {"memtree.kind": str(job.kind)}),
+            tracing.span("memtree.enqueue", {"memtree.kind": str(getattr(job, "kind", ""))}),
             self.transaction() as conn,
         ):
             job_id = store.enqueue(
@@ -448,7 +448,10 @@ class Queue:
 
 def enqueue(executor: Executor, job: NewJob, *, now_ms: int | None = None) -> str | None:
     """Enqueue inside the caller's ``Session`` or ``Connection``; commits with it, or never."""
-    with tracing.span("memtree.enqueue", {"memtree.kind": str(job.kind)}), store.translate_errors():
+    with (
+        tracing.span("memtree.enqueue", {"memtree.kind": str(getattr(job, "kind", ""))}),
+        store.translate_errors(),
+    ):
         job_id = store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
     if job_id is not None:
         wakeup.after_commit(executor)
