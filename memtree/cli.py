@@ -107,7 +107,8 @@ def upgrade(obj: Context, revision: str) -> None:
     """Migrate to REVISION (default: head), adopting an original TinyCortex table."""
     engine = obj.engine()
     try:
-        adopted = migration.upgrade(engine, revision)
+        with Console(stderr=True).status(f"migrating to {revision}"):
+            adopted = migration.upgrade(engine, revision)
         if adopted:
             click.echo(f"adopted the original's mem_tree_jobs table at {adopted}")
         click.echo(f"{_safe_url(obj.database_url)} is at {migration.current(engine)}")

@@ -193,3 +193,38 @@ def test_worker_exposes_metrics_that_count(
     finally:
         process.terminate()
         process.communicate(timeout=60)
+
+
+def test_worker_reports_a_handler_module_that_cannot_be_imported(
+    migrated: str, tmp_path: Path
+) -> None:
+    (tmp_path / "broken_app.py").write_text("import not_a_module_anywhere\n")
+    result = subprocess.run(
+        [str(MEMTREE), "--database-url", migrated, "worker", "--app", "broken_app:handlers"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot import 'broken_app'" in result.stderr
+    assert "not_a_module_anywhere" in result.stderr
+    assert "no attribute" in fails("worker", "--app", "json:nothing_here", url=migrated)
+    assert "not a mapping" in fails("worker", "--app", "json:__name__", url=migrated)
+
+
+def test_status_watch_refreshes_until_interrupted(migrated: str, wall_queue: Queue) -> None:
+    import signal
+
+    wall_queue.enqueue(NewJob("watched"))
+    process = subprocess.Popen(
+        [str(MEMTREE), "--database-url", migrated, "status", "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "watched" in stdout and "Traceback" not in stderr

@@ -598,3 +598,58 @@ def test_run_until_idle_does_not_return_while_a_gated_job_is_due(app: Queue) -> 
     worker = Worker(app, handlers, concurrency=4, gates=[Gate("one", 1, ("gated",))])
     assert worker.run_until_idle() == 12
     assert app.count_by_status(JobStatus.READY) == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "label", "backoff_s"),
+    [
+        ("database is locked", "busy", 0.1),
+        ("database table is locked", "busy", 0.1),
+        ("disk I/O error", "I/O", 1.0),
+        ("server closed the connection unexpectedly", "I/O", 1.0),
+        ("database or disk is full", "disk full", 30.0),
+        ("could not extend file: No space left on device", "disk full", 30.0),
+        ("division by zero", "other", 0.5),
+    ],
+)
+def test_errors_back_off_by_the_originals_table(message: str, label: str, backoff_s: float) -> None:
+    from memtree.worker import classify_error
+
+    cause = sqlalchemy.exc.DatabaseError("SELECT 1", {}, Exception(message))
+    error = memtree.DatabaseError(message)
+    error.__cause__ = cause
+    assert classify_error(error) == (label, backoff_s)
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once(app: Queue, db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "stubborn_app.py").write_text(
+        "import time\ndef nap(ctx):\n    time.sleep(120)\nhandlers = {'nap': nap}\n"
+    )
+    job_id = app.enqueue(NewJob("nap"))
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "memtree"),
+            "--database-url",
+            db_url,
+            "worker",
+            "--app",
+            "stubborn_app:handlers",
+            "--shutdown-grace",
+            "120",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: status_of(app, job_id) is JobStatus.RUNNING, timeout=30)
+        process.terminate()
+        time.sleep(0.5)
+        assert process.poll() is None, "the first signal waits for the running handler"
+        process.terminate()
+        process.communicate(timeout=30)  # far less than the 120 s grace
+    finally:
+        process.kill()
+    assert process.returncode == 128 + 15
+    assert status_of(app, job_id) is JobStatus.RUNNING, "its lease expires and is recovered"
