@@ -11,24 +11,30 @@ Only copies of that text headed for a log pass through here.
 
 The rules, applied in this order (each sees the output of the one before)::
 
-    password=<value> (and kin)       ->  password=[REDACTED]
-    Authorization: Basic <creds>     ->  Authorization: Basic [REDACTED]
-    Bearer <token>                   ->  Bearer [REDACTED]
-    sk-… ghp_… github_pat_… xoxb-…   ->  sk-[REDACTED], ghp_[REDACTED], …
-    scheme://user:pw@host            ->  scheme://[REDACTED]@host
-    alice@example.com                ->  [EMAIL]
+    1. assignments to a credential key   password=hunter2      ->  password=[REDACTED]
+       (api_key, apikey, api-key,        "token": "abc"        ->  "token": "[REDACTED]"
+       password, passwd, pwd, secret,    Authorization: Basic dXNlcjpw
+       token, authorization)                                   ->  Authorization: Basic [REDACTED]
+    2. bearer tokens                     Bearer abc.def        ->  Bearer [REDACTED]
+    3. provider keys                     sk-…, ghp_…, xoxb-…   ->  sk-[REDACTED], …
+    4. URL userinfo                      pg://user:pw@host/db  ->  pg://[REDACTED]@host/db
+    5. e-mail addresses                  alice@example.com     ->  [EMAIL]
 
-The order makes scrubbing idempotent: assignments go first so that no other rule
-can eat a key ("Bearer token: x") and leave its value behind, and Basic goes before
-Bearer for the same reason ("Bearer Authorization: Basic x"); URL userinfo comes
-after every rule that can delete a '/' or a blank, since such a deletion can join a
-later '@' to an authority; e-mail comes last, after userinfo, which would otherwise
-see ``user:pw@host.com`` as the address ``pw@host.com``.
+Only the secret goes: key names, separators, quotes and the scheme words Bearer,
+Basic and Token in front of a credential stay as written.
 
-Every pattern runs in time linear in the input: a pattern that starts with a
-repeated character class only starts where a run of that class starts, and repeats
-that need no backtracking are possessive. A megabyte of hostile text costs
-milliseconds, not minutes.
+The order is what makes a second scrub a no-op and keeps one rule from hiding a
+secret from another. Assignments go first, so that no other rule can eat a key and
+leave its value behind ("Bearer token: x", "Bearer Authorization: Basic x"). URL
+userinfo comes after every rule that can delete a '/' or a blank, since such a
+deletion can join a later '@' to an authority. E-mail comes last, after userinfo,
+which it would otherwise split (``user:pw@host.com`` read as ``pw@host.com``).
+
+Every pattern runs in time linear in the input, because none rescans a run of
+characters from each of its positions: a pattern that starts with a repeated
+character class starts only where a run of that class starts, repeats that need no
+backtracking are possessive, and the bearer pattern cannot fail once it has consumed
+its scheme words. A megabyte of hostile text costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -43,50 +49,54 @@ MAX_LOG_ERROR_BYTES = 1024
 _REDACTED = "[REDACTED]"
 _EMAIL = "[EMAIL]"
 
-# A doubled scheme ("Bearer Bearer x", a common client bug) is kept as written, and
-# the credential after it is what goes.
-_MORE_SCHEMES = r"(?:(?:bearer|basic)[ \t]++)*+"
+_CREDENTIAL_KEY = r"(?:api[_-]?key|password|passwd|pwd|secret|token|authorization)"
+_ASSIGN = r"[ \t]*+(?::=|=>|[:=])"
+# Authorization schemes whose parameter is a single credential ("token" as GitHub
+# and Django REST framework use it). Scheme words in front of a value are kept, even
+# doubled ("Bearer Bearer x", a common client bug); the credential after them goes.
+_SCHEMES = r"(?:(?:bearer|basic|token)[ \t]++)*+"
 
-# The key is matched without a leading boundary so that access_token, client_secret,
-# db_password and the like are all covered, while the key must be followed directly
-# by its separator so that "tokens: 5" or "the token expired" are not.
-# Unquoted values stop at the separators of query strings (&), connection strings
-# (;) and argument lists (,), so one match cannot swallow the rest of a line. An
-# unquoted value may start with an auth scheme ("token: Bearer x"): the scheme word
-# alone is no secret, the word after it is. A value that is already redacted is
-# skipped so that scrubbing twice changes nothing.
+# The key has no leading boundary so that access_token, client_secret, db_password
+# and Proxy-Authorization are covered; it must be followed directly by its separator
+# so that "tokens: 5" and "the token expired" are not. The separator is atomic:
+# backing off "=>" to "=" would make ">" a value and undo the already-redacted check.
+#
+# A value that is itself a key and separator ("password: token: x",
+# 'password: "api_key": "x"') is left to the match that starts at that key, which
+# then takes the real value; an unquoted value ends where a key and separator are
+# glued on ("password: xtoken: y"). A quoted key that a later rule will partly
+# redact ('"sk-…token": x') is recognised again by its marker on a second scrub.
+# Unquoted values also stop at the separators of query strings (&), connection
+# strings (;) and argument lists (,), so one match cannot swallow the rest of a
+# line; a quoted value runs to its closing quote or the end of the line.
 _ASSIGNMENT = re.compile(
-    r"""(?ix)
-    (?P<key>api[_-]?key|password|passwd|pwd|secret|token)
-    (?P<sep>(?>(?:\\?["'])?[ \t]*+(?::=|=>|[:=])[ \t]*+))
-    (?!(?:\\?["'])?(?:(?:bearer|basic)[ \t]+)*\[REDACTED\])
-    (?:
-        (?P<esc>\\")(?:[^"\\\n]++|\\(?!"))*+(?P<esc_end>\\")?   # inside JSON in JSON
-      | (?P<dq>")(?:[^"\\\n]++|\\.)*+(?P<dq_end>")?
-      | (?P<sq>')(?:[^'\\\n]++|\\.)*+(?P<sq_end>')?
-      | (?P<scheme>"""
-    + _MORE_SCHEMES
-    + r""")[^\s"',;&)\]}]++
-    )
-    """
+    r"(?ix)"
+    rf"(?P<key>{_CREDENTIAL_KEY})"
+    rf"""(?P<sep>(?>(?:\\?["'])?{_ASSIGN}[ \t]*+))"""
+    rf"""(?!(?:\\?["'])?{_SCHEMES}\[REDACTED\])"""
+    rf"""(?!\\?["'](?:[\w-]*?{_CREDENTIAL_KEY}|[\w-]*\[REDACTED\][\w-]*)\\?["']{_ASSIGN})"""
+    rf"""(?:
+        (?P<esc>\\")(?P<esc_scheme>{_SCHEMES})    # JSON inside JSON: \"...\"
+            (?:[^"\\\n]++|\\(?!"))*+(?P<esc_end>\\")?
+      | (?P<dq>")(?P<dq_scheme>{_SCHEMES})(?:[^"\\\n]++|\\.)*+(?P<dq_end>")?
+      | (?P<sq>')(?P<sq_scheme>{_SCHEMES})(?:[^'\\\n]++|\\.)*+(?P<sq_end>')?
+      | (?P<scheme>{_SCHEMES})
+        (?:
+            [\w-]+?(?={_CREDENTIAL_KEY}{_ASSIGN})     # stops where a key is glued on
+          | (?!{_CREDENTIAL_KEY}{_ASSIGN})[^\s"',;&)\]}}]++
+        )
+    )"""
 )
 
-# Basic credentials are only base64 of "user:password"; the scheme word is matched
-# only after an Authorization header (any prefix, as in HTTP_AUTHORIZATION) so that
-# "basic" in prose is left alone.
-_BASIC = re.compile(
-    r"""(?i)(authorization(?:\\?["'])?[ \t]*+[:=][ \t]*+(?:\\?["'])?basic[ \t]++"""
-    + _MORE_SCHEMES
-    + r")[A-Za-z0-9+/=._~-]++"
-)
-
-# RFC 6750 b64token characters. No word boundary in front: HTTP_AUTHORIZATION=Bearer
-# puts a word character right before the scheme. The word is kept as written so that
-# the scrubbed text differs from the original only where a secret was.
-_BEARER = re.compile(r"(?i)(bearer[ \t]++" + _MORE_SCHEMES + r")[A-Za-z0-9._~+/=-]++")
+# Bearer tokens outside an assignment ("401 for Bearer abc"). RFC 6750 b64token
+# characters; no word boundary in front, so a scheme glued to a word still counts.
+# The token is optional so that a chain of scheme words with nothing after it still
+# matches (and is put back unchanged): a failed match would be retried from every
+# word of the chain, quadratic in its length.
+_BEARER = re.compile(r"(?i)(bearer[ \t]++" + _SCHEMES + r")([A-Za-z0-9._~+/=-]++)?")
 
 # Minimum lengths keep short look-alikes (sk-1, ghp_x) intact; the lookbehind keeps
-# the prefix from matching inside a longer word such as "task-…" or "dxoxb-…".
+# a prefix from matching inside a longer word such as "task-…".
 _PROVIDER_KEYS = (
     re.compile(r"(?<![\w-])(sk-)[A-Za-z0-9_-]{16,}+"),
     re.compile(r"(?<![\w-])(gh[pousr]_|github_pat_)[A-Za-z0-9_]{20,}+"),
@@ -95,15 +105,15 @@ _PROVIDER_KEYS = (
 
 # The userinfo runs to the *last* '@' of the authority, so an unencoded '@' inside a
 # password does not leave the password's tail behind. RFC 3986 keeps '/', '?' and '#'
-# out of the authority, which also stops a later e-mail in a query from matching.
-_URL_USERINFO = re.compile(r"(?<=://)[^\s/?#\"<>]+@")
+# out of the authority, which also keeps an e-mail in a query string out of it.
+_URL_USERINFO = re.compile(r"""(?<=://)[^\s/?#"<>]+@""")
 
 # The lookbehind makes a local part start only where its run starts; without it a
 # long run with no '@' would be rescanned from every position (quadratic time).
 # The domain group backtracks so that a sentence's final '.' is not part of the TLD.
 # Local-part characters glued to the TLD go with the match (dots only when more
 # follows): left behind, they would start a local part of their own after "[EMAIL]",
-# unseen now and matched by a second scrub.
+# missed now and matched by a second scrub.
 _EMAIL_ADDRESS = re.compile(
     r"(?<![\w.%+-])[\w.%+-]++@(?:[\w-]++\.)+[^\W\d_]{2,}+(?:[\w%+-]++|\.++(?=[\w%+-]))*+"
 )
@@ -112,17 +122,22 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _redact_assignment(match: re.Match[str]) -> str:
-    key_and_sep = match["key"] + match["sep"]
-    for opening, closing in (("esc", "esc_end"), ("dq", "dq_end"), ("sq", "sq_end")):
-        if match[opening] is not None:
-            return f"{key_and_sep}{match[opening]}{_REDACTED}{match[closing] or ''}"
-    return f"{key_and_sep}{match['scheme']}{_REDACTED}"
+    # Everything but the credential stays: key, separator, quotes and scheme words.
+    kept = match["key"] + match["sep"]
+    for quote in ("esc", "dq", "sq"):
+        if match[quote] is not None:
+            closing = match[f"{quote}_end"] or ""
+            return f"{kept}{match[quote]}{match[f'{quote}_scheme']}{_REDACTED}{closing}"
+    return f"{kept}{match['scheme']}{_REDACTED}"
+
+
+def _redact_bearer(match: re.Match[str]) -> str:
+    return match[0] if match[2] is None else match[1] + _REDACTED
 
 
 def _redact(text: str) -> str:
     text = _ASSIGNMENT.sub(_redact_assignment, text)
-    text = _BASIC.sub(r"\g<1>" + _REDACTED, text)
-    text = _BEARER.sub(r"\g<1>" + _REDACTED, text)
+    text = _BEARER.sub(_redact_bearer, text)
     for pattern in _PROVIDER_KEYS:
         text = pattern.sub(r"\g<1>" + _REDACTED, text)
     text = _URL_USERINFO.sub(_REDACTED + "@", text)
@@ -152,8 +167,8 @@ def scrub(text: str, *, max_bytes: int = MAX_LOG_ERROR_BYTES) -> str:
     happens before the cut, so a secret is masked even when it straddles the cut.
 
     Anything other than a ``str`` is converted with :func:`str` first, and lone
-    surrogates (which have no UTF-8 form) become U+FFFD. Scrubbing an
-    already-scrubbed text returns it unchanged (when it fits the cap).
+    surrogates (which have no UTF-8 form) become U+FFFD. Scrubbing a scrubbed text
+    again returns it unchanged, as long as it was not truncated.
 
     Raises:
         TypeError: ``max_bytes`` is not an ``int`` (``bool`` included).
