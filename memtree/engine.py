@@ -75,6 +75,8 @@ def create_engine(
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
     if parsed.get_backend_name() == "postgresql":
+        # A connection the server dropped (restart, failover, pg_terminate_backend) is
+        # replaced at checkout instead of failing the application's next statement.
         kwargs.setdefault("pool_pre_ping", True)
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":

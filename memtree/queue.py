@@ -279,6 +279,52 @@ class Queue:
             wakeup.signal(self.engine)
         return settled
 
+    def complete_and_claim(
+        self,
+        done: Sequence[tuple[Job, Sequence[NewJob]]],
+        claims: Sequence[tuple[int, tuple[str, ...]]],
+        limit: int,
+        lock_duration_ms: int | None = None,
+    ) -> tuple[set[str], list[list[Job]]]:
+        """The worker's round trip: settle finished claims ``done`` (each fenced to its lease)
+        and claim new jobs, in one transaction, so one commit serves both.
+
+        ``claims`` is a list of ``(cap, kinds)``, claimed in order, each taking at most its
+        cap and all together at most ``limit``. Returns the settled ids and one list of jobs
+        per entry of ``claims``.
+        """
+        lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
+        batches: list[list[Job]] = []
+        with self.transaction() as conn:
+            now = self.now_ms()
+            settled = (
+                settle.mark_done_many(
+                    conn, done, now_ms=now, default_max_attempts=self.max_attempts
+                )
+                if done
+                else set()
+            )
+            left = limit
+            for cap, kinds in claims:
+                wanted = min(cap, left)
+                claimed = (
+                    store.claim(
+                        conn,
+                        now_ms=now,
+                        limit=wanted,
+                        lock_duration_ms=lease,
+                        claim_order=self.claim_order,
+                        kinds=kinds,
+                    )
+                    if wanted > 0
+                    else []
+                )
+                left -= len(claimed)
+                batches.append(claimed)
+        if any(followups for job, followups in done if job.id in settled):
+            wakeup.signal(self.engine)
+        return settled, batches
+
     def mark_failed(
         self, job: Job, error: object, failure: JobFailure | BaseException | None = None
     ) -> bool:

@@ -14,7 +14,6 @@ never touches the session is settled with others in one batched statement.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue as queue_module
@@ -50,6 +49,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("memtree.worker")
+
+_EVENT_LOCK = threading.Lock()
+
+# The longest a finished job waits to be settled in a batch with others.
+_FLUSH_DELAY_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +111,20 @@ class JobContext:
         job: Job,
         queue: Queue,
         session_factory: Callable[[], Session],
-        logger: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         self.job = job
         self.queue = queue
-        self.log = logger
-        #: Set when the heartbeat finds the lease gone: this run will not be settled.
-        self.lease_lost = threading.Event()
-        #: Set when someone asked this job to stop (``Queue.cancel``); wait on it, or poll
-        #: :attr:`cancelled`. A run that returns after the request ends ``cancelled``.
-        self.cancel_event = threading.Event()
+        # Events cost more than the rest of a context: made only when someone asks.
+        self._lease_lost: threading.Event | None = None
+        self._cancel_event: threading.Event | None = None
         self._session_factory = session_factory
         self._session: Session | None = None
         self._followups: list[NewJob] = []
+
+    @cached_property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the job's id, kind and attempt."""
+        return logging.LoggerAdapter(log, _fields(self.job))
 
     @cached_property
     def payload(self) -> Any:
@@ -135,9 +140,34 @@ class JobContext:
         return self._session
 
     @property
+    def lease_lost(self) -> threading.Event:
+        """Set when the heartbeat finds the lease gone: this run will not be settled."""
+        return self._event("_lease_lost")
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when someone asked this job to stop (``Queue.cancel``); wait on it, or poll
+        :attr:`cancelled`. A run that returns after the request ends ``cancelled``."""
+        return self._event("_cancel_event")
+
+    def _event(self, name: str) -> threading.Event:
+        event: threading.Event | None = getattr(self, name)
+        if event is None:
+            with _EVENT_LOCK:
+                event = getattr(self, name)
+                if event is None:
+                    event = threading.Event()
+                    setattr(self, name, event)
+        return event
+
+    def _is_set(self, name: str) -> bool:
+        event: threading.Event | None = getattr(self, name)
+        return event is not None and event.is_set()
+
+    @property
     def cancelled(self) -> bool:
         """True once the job was asked to stop: finish up and return."""
-        return self.cancel_event.is_set()
+        return self._is_set("_cancel_event")
 
     @property
     def uses_session(self) -> bool:
@@ -332,6 +362,9 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._gate_busy: dict[str, int] = {gate.name: 0 for gate in self.gates}
         self._completed: list[_Completed] = []
+        self._completed_since = 0.0
+        # A busy worker claims once this many slots are free (see _claim_plan).
+        self._claim_batch = max(1, concurrency // 4)
         self._tasks: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._settled = 0
@@ -401,47 +434,92 @@ class Worker:
     def _loop(self, *, until_idle: bool) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            self._flush_completed()
             self._heartbeat()
             self._check_cancels()
             if not until_idle:
                 self._maintain()
-            if self._claim():
+            if self._exchange():
                 continue
             with self._lock:
                 busy = bool(self._running) or bool(self._completed)
+                flush_in = (
+                    self._completed_since + _FLUSH_DELAY_S - time.monotonic()
+                    if self._completed
+                    else None
+                )
             timeout, due_now = self._idle_timeout()
             if until_idle and not busy and not due_now:
                 return
+            if flush_in is not None:
+                timeout = max(min(timeout or flush_in, flush_in), 0.001)
             self._wake.wait(self.poll_interval_s if timeout is None else timeout)
 
     def _free_slots(self) -> int:
         with self._lock:
             return self.concurrency - len(self._running)
 
-    def _claim(self) -> int:
-        """Claim up to the free slots, group by group, never past a gate's free permits."""
+    def _claim_plan(self) -> tuple[int, list[tuple[Gate | None, int, tuple[str, ...]]]]:
+        """How many jobs to claim, and per claim group its gate, cap and kinds.
+
+        While handlers run, the worker waits until a quarter of its slots are free, so a
+        busy worker claims in batches instead of one job per statement; an idle one claims
+        at once, however few slots it has. A full gate has no cap left: its kinds are not
+        claimed, and nothing spins.
+        """
+        with self._lock:
+            running = len(self._running)
+            free = self.concurrency - running
+            if free <= 0 or self._stopping.is_set() or (running and free < self._claim_batch):
+                return 0, []
+            plan = []
+            for gate, kinds in self._groups:
+                cap = free if gate is None else gate.limit - self._gate_busy[gate.name]
+                if cap > 0:
+                    plan.append((gate, cap, kinds))
+        return free, plan
+
+    def _exchange(self) -> int:
+        """Settle finished jobs and claim new ones in one transaction; how many were claimed."""
+        limit, plan = self._claim_plan()
+        with self._lock:
+            flush = bool(self._completed) and (
+                bool(plan)
+                or not self._running
+                or len(self._completed) >= self._claim_batch
+                or time.monotonic() - self._completed_since >= _FLUSH_DELAY_S
+                or self._stopping.is_set()
+            )
+            taken, self._completed = (self._completed, []) if flush else ([], self._completed)
+        if not plan and not taken:
+            return 0
+        result = self._guarded(
+            lambda: self.queue.complete_and_claim(
+                [(c.job, c.followups) for c in taken],
+                [(cap, kinds) for _, cap, kinds in plan],
+                limit,
+                self.lock_duration_ms,
+            ),
+            "claim",
+        )
+        if result is None:
+            with self._lock:  # the transaction rolled back: settle them next round
+                self._completed[:0] = taken
+                self._completed_since = time.monotonic()
+            return 0
+        settled, batches = result
+        for completed in taken:
+            fields = _fields(completed.job, completed.duration_s)
+            matched = completed.job.id in settled
+            self._finish(completed.job, "done", matched, completed.duration_s, fields)
         claimed = 0
-        for gate, kinds in self._groups:
-            free = self._free_slots()
-            if free <= 0 or self._stopping.is_set():
-                break
-            if gate is not None:
-                with self._lock:
-                    free = min(free, gate.limit - self._gate_busy[gate.name])
-                if free <= 0:
-                    continue  # a full gate: its kinds are not claimed, nothing spins
-            jobs = self._guarded(functools.partial(self._claim_group, free, kinds), "claim")
-            now_ms = self.queue.now_ms()
-            for job in jobs or ():
+        now_ms = self.queue.now_ms()
+        for (gate, _, _), jobs in zip(plan, batches, strict=True):
+            for job in jobs:
                 if self.metrics is not None:
                     self.metrics.on_claimed(job, now_ms)
                 self._dispatch(job, gate)
                 claimed += 1
         return claimed
-
-    def _claim_group(self, limit: int, kinds: tuple[str, ...]) -> list[Job]:
-        return self.queue.claim_batch(limit, self.lock_duration_ms, kinds)
 
     def _claimable_kinds(self) -> tuple[str, ...]:
         with self._lock:
@@ -475,8 +553,7 @@ class Worker:
     # -- running a job -----------------------------------------------------------------
 
     def _dispatch(self, job: Job, gate: Gate | None) -> None:
-        adapter = logging.LoggerAdapter(log, _fields(job))
-        context = JobContext(job, self.queue, self._session_factory, adapter)
+        context = JobContext(job, self.queue, self._session_factory)
         with self._lock:
             self._running[job.id] = _Running(job, context, gate)
             if gate is not None:
@@ -515,7 +592,7 @@ class Worker:
                 outcome = exc
         duration_s = time.monotonic() - entry.started
         fields = _fields(job, duration_s)
-        if ctx.lease_lost.is_set():
+        if ctx._is_set("_lease_lost"):
             ctx._close(commit=False)
             self._finish(job, "lease_lost", False, duration_s, fields)
             return
@@ -523,7 +600,10 @@ class Worker:
             if not ctx.uses_session:
                 # Settled by the loop in a batch with others (see _flush_completed).
                 with self._lock:
+                    if not self._completed:
+                        self._completed_since = time.monotonic()
                     self._completed.append(_Completed(job, list(ctx._followups), duration_s))
+                self._wake.set()
                 return
             self._finish(job, "done", self._commit(ctx, fields), duration_s, fields)
             return
