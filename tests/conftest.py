@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 import memtree
 from memtree import Queue
+from memtree.testing import FakeClock
 
 PG_ADMIN_URL = os.environ.get(
     "MEMTREE_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/postgres"
@@ -27,19 +28,7 @@ PG_ADMIN_URL = os.environ.get(
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 START_MS = 1_780_000_000_000  # 2026-05-28, a fixed "now" for the fake clock
 
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now_ms: int = START_MS) -> None:
-        self.now_ms = now_ms
-
-    def __call__(self) -> int:
-        return self.now_ms
-
-    def advance(self, ms: int) -> int:
-        self.now_ms += ms
-        return self.now_ms
+__all__ = ["START_MS", "FakeClock"]
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +92,7 @@ def engine(db_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START_MS)
 
 
 @pytest.fixture
