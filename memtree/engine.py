@@ -9,19 +9,29 @@ locked".
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy
 from sqlalchemy import URL, Engine, event, make_url
+from sqlalchemy import exc as sa_exc
 
 from memtree.dialects import dialect_for
 from memtree.errors import ConfigurationError
 
-__all__ = ["DEFAULT_DATABASE_URL", "SQLITE_BUSY_TIMEOUT_MS", "create_engine", "normalize_url"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "PING_AFTER_IDLE_S",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "create_engine",
+    "normalize_url",
+]
 
 DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
 #: How long a SQLite writer waits for the write lock before giving up (the original's 15 s).
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+#: A pooled PostgreSQL connection idle for this long is checked before it is used.
+PING_AFTER_IDLE_S = 1.0
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -65,7 +75,8 @@ def create_engine(
 
     SQLite gets WAL, a busy timeout (15 s by default), ``synchronous`` as given (``NORMAL`` keeps
     every commit across a process crash; ``FULL`` also across power loss) and
-    ``BEGIN IMMEDIATE`` transactions. ``postgresql://`` URLs use psycopg 3.
+    ``BEGIN IMMEDIATE`` transactions. ``postgresql://`` URLs use psycopg 3, and a pooled
+    connection idle for a second is checked before use (unless ``pool_pre_ping`` is given).
     """
     synchronous = sqlite_synchronous.upper()
     if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -74,11 +85,38 @@ def create_engine(
         )
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
-    if parsed.get_backend_name() == "postgresql":
-        # A connection the server dropped (restart, failover, pg_terminate_backend) is
-        # replaced at checkout instead of failing the application's next statement.
-        kwargs.setdefault("pool_pre_ping", True)
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous, int(sqlite_busy_timeout_ms))
+    elif "pool_pre_ping" not in kwargs:
+        _ping_after_idle(engine)
     return engine
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Check a pooled connection at checkout only when it sat idle for a while.
+
+    A connection the server dropped while it was idle (restart, failover, idle timeout,
+    ``pg_terminate_backend``) is replaced before the application uses it, as
+    ``pool_pre_ping`` would do, without paying that round trip on every checkout of a
+    busy connection. One that breaks while in use fails its statement, and SQLAlchemy
+    then discards the whole pool.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("memtree_checked_in", 0.0) < PING_AFTER_IDLE_S:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()
+        except Exception as exc:
+            raise sa_exc.DisconnectionError(str(exc)) from exc
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["memtree_checked_in"] = time.monotonic()

@@ -18,8 +18,11 @@ except ImportError:  # pragma: no cover - exercised where the API is absent
 
 
 def span(name: str, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
-    """A span named ``name`` on memtree's tracer, or a no-op without OpenTelemetry."""
-    if _trace is None:
+    """A span named ``name`` on memtree's tracer, or a no-op without OpenTelemetry.
+
+    Until an application installs a tracer provider, the API's proxy would only make
+    non-recording spans, at a cost per job: skip them.
+    """
+    if _trace is None or isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
         return nullcontext()
-    tracer = _trace.get_tracer("memtree")
-    return tracer.start_as_current_span(name, attributes=attributes)
+    return _trace.get_tracer("memtree").start_as_current_span(name, attributes=attributes)

@@ -483,6 +483,7 @@ def test_worker_survives_its_connections_being_killed(
         finally:
             admin.dispose()
         assert killed and killed > 0
+        time.sleep(1.5)  # past PING_AFTER_IDLE_S: the pool checks idle connections
         app.enqueue_many([NewJob("job", i) for i in range(5, 10)])
         wait_for(lambda: app.count_by_status(JobStatus.DONE) == 10, timeout=30)
 
