@@ -1,0 +1,591 @@
+"""The five workloads of issue 5, each run on every selected system that is installed."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from rich.console import Console
+from sqlalchemy.orm import Session
+
+import memtree
+from benchmarks import dbs, proc, sys_floor, sys_memtree
+from benchmarks.dbs import Databases, Target
+from benchmarks.settings import (
+    HUEY_POLL_S,
+    KIND,
+    LATENCY_CONCURRENCY,
+    LATENCY_KIND,
+    PGQUEUER_BATCH,
+    PROCRASTINATE_CONCURRENCY,
+    TX_CONCURRENCY,
+    TX_KIND,
+    Sizes,
+)
+
+WORKLOADS = ("enqueue", "drain", "latency", "backlog", "memory")
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    backend: str  # "postgresql" or "sqlite"
+    family: str  # memtree, floor, pgqueuer, procrastinate, huey
+    label: str
+    modules: tuple[str, ...] = ()  # what must be importable
+
+
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System("memtree-pg", "postgresql", "memtree", "memtree (PostgreSQL, psycopg 3)"),
+        System("floor-pg", "postgresql", "floor", "raw-SQL floor (psycopg 3)"),
+        System("pgqueuer", "postgresql", "pgqueuer", "pgqueuer (asyncpg)", ("pgqueuer", "asyncpg")),
+        System("procrastinate", "postgresql", "procrastinate", "procrastinate", ("procrastinate",)),
+        System("memtree-sqlite", "sqlite", "memtree", "memtree (SQLite, WAL, NORMAL)"),
+        System("floor-sqlite", "sqlite", "floor", "raw-SQL floor (sqlite3, WAL, NORMAL)"),
+        System("huey", "sqlite", "huey", "huey SqliteHuey (fsync=False)", ("huey",)),
+        System("huey-default", "sqlite", "huey", "huey SqliteHuey (defaults: FULL)", ("huey",)),
+    )
+}
+PEERS = ("pgqueuer", "procrastinate", "huey")
+
+
+@dataclass
+class Figure:
+    """One measured number."""
+
+    workload: str
+    case: str
+    system: str
+    metric: str  # "jobs/s", "ms", "MiB", "%"
+    value: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "case": self.case,
+            "system": self.system,
+            "metric": self.metric,
+            "value": self.value,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Run:
+    sizes: Sizes
+    databases: Databases
+    systems: list[str]
+    concurrency: int
+    console: Console
+    figures: list[Figure] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def has(self, system: str) -> bool:
+        return system in self.systems
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        self.console.log(
+            f"[bold]{figure.workload}[/] {figure.case:<28} {figure.system:<15} "
+            f"{_fmt(figure.value)} {figure.metric}"
+        )
+
+    @contextlib.contextmanager
+    def target(self, system: str) -> Iterator[Target]:
+        """A fresh database for ``system``, with its schema, dropped afterwards."""
+        spec = SYSTEMS[system]
+        if spec.backend == "postgresql":
+            target = self.databases.pg(system)
+        else:
+            target = self.databases.sqlite(system)
+        try:
+            if spec.family in ("memtree", "floor"):
+                dbs.migrate_memtree(target)
+            elif spec.family == "pgqueuer":
+                from benchmarks import sys_pgqueuer
+
+                sys_pgqueuer.install(target)
+            elif spec.family == "procrastinate":
+                from benchmarks import sys_procrastinate
+
+                sys_procrastinate.install(target)
+            yield target
+        finally:
+            self.databases.drop(target)
+
+    def guarded(self, workload: str, case: str, system: str, work: Callable[[], None]) -> None:
+        """Run one measurement; a failure is recorded and the run goes on."""
+        try:
+            work()
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            self.errors.append(
+                {
+                    "workload": workload,
+                    "case": case,
+                    "system": system,
+                    "error": message,
+                    "traceback": traceback.format_exc()[-4000:],
+                }
+            )
+            self.console.log(f"[red]{workload} {case} {system} failed:[/] {message[:500]}")
+
+    def best_of(
+        self, measure: Callable[[], float], *, higher: bool = True
+    ) -> tuple[float, list[float]]:
+        runs = [measure() for _ in range(self.sizes.repeats)]
+        return (max(runs) if higher else min(runs)), runs
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1), linear between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# -- 1. enqueue ----------------------------------------------------------------------------
+
+
+def _module(system: str) -> Any:
+    family = SYSTEMS[system].family
+    if family == "memtree":
+        return sys_memtree
+    if family == "floor":
+        return sys_floor
+    if family == "pgqueuer":
+        from benchmarks import sys_pgqueuer
+
+        return sys_pgqueuer
+    if family == "procrastinate":
+        from benchmarks import sys_procrastinate
+
+        return sys_procrastinate
+    from benchmarks import sys_huey
+
+    return sys_huey
+
+
+def _enqueue_single(run: Run, system: str) -> None:
+    jobs = run.sizes.enqueue_single
+    module = _module(system)
+
+    def measure() -> float:
+        with run.target(system) as target:
+            return float(jobs / module.enqueue_single(target, jobs))
+
+    best, runs = run.best_of(measure)
+    run.add(Figure("enqueue", "single", system, "jobs/s", best, {"runs": runs, "jobs": jobs}))
+
+
+def _enqueue_batched(run: Run, system: str) -> None:
+    jobs, batch = run.sizes.enqueue_batched, run.sizes.enqueue_batch
+    module = _module(system)
+
+    def measure() -> float:
+        with run.target(system) as target:
+            return float(jobs / module.enqueue_batched(target, jobs, batch))
+
+    best, runs = run.best_of(measure)
+    detail = {"runs": runs, "jobs": jobs, "batch": batch}
+    run.add(Figure("enqueue", "batched", system, "jobs/s", best, detail))
+
+
+def enqueue(run: Run) -> None:
+    for system in run.systems:
+        if system == "huey-default":
+            continue  # huey's default durability shows in the drain; enqueue is at its fastest
+        run.guarded("enqueue", "single", system, partial(_enqueue_single, run, system))
+        if hasattr(_module(system), "enqueue_batched"):
+            run.guarded("enqueue", "batched", system, partial(_enqueue_batched, run, system))
+
+
+# -- 2. drain ------------------------------------------------------------------------------
+
+
+def _throughput(results: list[dict[str, Any]], expected: int) -> float:
+    count = sum(int(r["count"]) for r in results)
+    if count != expected:
+        raise RuntimeError(f"{count} jobs were worked, not {expected}")
+    elapsed = float(max(r["end"] for r in results) - min(r["start"] for r in results))
+    return expected / elapsed
+
+
+def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> None:
+    """memtree's worker, or the floor, over jobs filled with raw SQL."""
+    family = SYSTEMS[system].family
+    jobs = run.sizes.drain_tx if transactional else run.sizes.drain
+    batch = TX_CONCURRENCY[SYSTEMS[system].backend] if transactional else run.concurrency
+
+    def measure() -> float:
+        with run.target(system) as target:
+            dbs.fill(target, jobs, kind=TX_KIND if transactional else KIND)
+            dbs.analyze(target)
+            spec: dict[str, Any] = {
+                "backend": target.backend,
+                "url": target.url,
+                "transactional": transactional,
+            }
+            if family == "memtree":
+                role, spec["concurrency"] = "memtree-drain", batch
+            else:
+                role, spec["batch"] = "floor-drain", batch
+            rate = _throughput(proc.run_together(role, [spec] * processes, timeout=1800), jobs)
+            done = dbs.count_status(target, "done")
+            if done != jobs:
+                raise RuntimeError(f"{done} jobs are done, not {jobs}")
+            if transactional and dbs.count_effects(target) != jobs:
+                raise RuntimeError("a transactional drain wrote the wrong number of rows")
+            return rate
+
+    best, runs = run.best_of(measure)
+    detail: dict[str, Any] = {"runs": runs, "jobs": jobs, "processes": processes}
+    detail["claim_batch" if family == "floor" else "concurrency"] = batch
+    case = "tx-1p" if transactional else f"noop-{processes}p"
+    run.add(Figure("drain", case, system, "jobs/s", best, detail))
+
+
+def _drain_pgqueuer(run: Run, processes: int) -> None:
+    from benchmarks import sys_pgqueuer
+
+    jobs = run.sizes.drain
+
+    def measure() -> float:
+        with run.target("pgqueuer") as target:
+            sys_pgqueuer.enqueue_batched(target, jobs, 1000)
+            spec = {"url": target.url, "batch": PGQUEUER_BATCH}
+            return _throughput(
+                proc.run_together("pgqueuer-drain", [spec] * processes, timeout=1800), jobs
+            )
+
+    best, runs = run.best_of(measure)
+    detail = {"runs": runs, "jobs": jobs, "processes": processes, "batch_size": PGQUEUER_BATCH}
+    run.add(Figure("drain", f"noop-{processes}p", "pgqueuer", "jobs/s", best, detail))
+
+
+def _drain_procrastinate(run: Run) -> None:
+    from benchmarks import sys_procrastinate
+
+    jobs = run.sizes.drain_procrastinate
+    with run.target("procrastinate") as target:
+        sys_procrastinate.enqueue_batched(target, jobs, 1000)
+        spec = {"url": target.url, "concurrency": PROCRASTINATE_CONCURRENCY}
+        rate = _throughput(proc.run_together("procrastinate-drain", [spec], timeout=1800), jobs)
+    detail = {
+        "runs": [rate],  # slow and steady: one run
+        "jobs": jobs,
+        "processes": 1,
+        "concurrency": PROCRASTINATE_CONCURRENCY,
+    }
+    run.add(Figure("drain", "noop-1p", "procrastinate", "jobs/s", rate, detail))
+
+
+def _drain_huey(run: Run, system: str) -> None:
+    from benchmarks import sys_huey
+
+    jobs = run.sizes.drain
+    fsync = False if system == "huey" else None
+
+    def measure() -> float:
+        with run.target(system) as target:
+            sys_huey.fill(target, jobs, fsync=fsync)
+            spec = {"path": target.path, "count": jobs, "fsync": fsync}
+            return _throughput(proc.run_together("huey-drain", [spec], timeout=1800), jobs)
+
+    best, runs = run.best_of(measure) if system == "huey" else (measure(), [])
+    detail = {
+        "runs": runs or [best],
+        "jobs": jobs,
+        "processes": 1,
+        "workers": 1,
+        "fsync": fsync,
+        "poll_s": HUEY_POLL_S,
+    }
+    run.add(Figure("drain", "noop-1p", system, "jobs/s", best, detail))
+
+
+def drain(run: Run) -> None:
+    for system in run.systems:
+        family = SYSTEMS[system].family
+        if family in ("memtree", "floor"):
+            for processes in (1, 2):
+                work = partial(_drain_sql, run, system, processes, False)
+                run.guarded("drain", f"noop-{processes}p", system, work)
+            run.guarded("drain", "tx-1p", system, partial(_drain_sql, run, system, 1, True))
+        elif family == "pgqueuer":
+            for processes in (1, 2):
+                work = partial(_drain_pgqueuer, run, processes)
+                run.guarded("drain", f"noop-{processes}p", system, work)
+        elif family == "procrastinate":
+            run.guarded("drain", "noop-1p", system, partial(_drain_procrastinate, run))
+        elif family == "huey":
+            run.guarded("drain", "noop-1p", system, partial(_drain_huey, run, system))
+
+
+# -- 3. latency ----------------------------------------------------------------------------
+
+LATENCY_WARMUP = 10
+
+
+def _paced(
+    enqueue_one: Callable[[int], None], count: int, rate: float, first: int = 0
+) -> dict[int, float]:
+    """Enqueue ``count`` jobs one at a time at ``rate`` a second; commit times by seq."""
+    committed: dict[int, float] = {}
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    for seq in range(first, first + count):
+        next_at += interval
+        pause = next_at - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        enqueue_one(seq)
+        committed[seq] = time.time()
+    return committed
+
+
+def _collect(child: proc.Child, wanted: set[int], timeout: float) -> dict[int, float]:
+    started: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while not wanted.issubset(started):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            missing = sorted(wanted - set(started))[:10]
+            raise RuntimeError(f"jobs never started: {missing}")
+        line = child.readline(left)
+        if line.startswith("DONE "):
+            _, seq, at = line.split()
+            started[int(seq)] = float(at)
+    return started
+
+
+def _latency_figures(
+    run: Run, system: str, committed: dict[int, float], started: dict[int, float], how: str
+) -> None:
+    latencies = [(started[seq] - committed[seq]) * 1000 for seq in committed]
+    detail = {
+        "jobs": len(latencies),
+        "rate_per_s": run.sizes.latency_rate_per_s,
+        "mean_ms": statistics.fmean(latencies),
+        "max_ms": max(latencies),
+        "min_ms": min(latencies),
+        "worker": how,
+    }
+    run.add(Figure("latency", "p50", system, "ms", percentile(latencies, 0.5), detail))
+    run.add(Figure("latency", "p99", system, "ms", percentile(latencies, 0.99), detail))
+
+
+class _MemtreeProducer:
+    """memtree's everyday enqueue from the harness: a Session transaction per job."""
+
+    def __init__(self, target: Target) -> None:
+        self.engine = sys_memtree.engine_for(target)
+
+    def enqueue(self, seq: int) -> None:
+        with Session(self.engine) as session, session.begin():
+            memtree.enqueue(session, memtree.NewJob(LATENCY_KIND, {"seq": seq}))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _latency_other_process(run: Run, system: str) -> None:
+    """A worker idling in its own process; the harness commits one job at a time."""
+    family = SYSTEMS[system].family
+    role = f"{family}-latency-worker"
+    producer_of: Callable[[Target], Any]
+    if family == "memtree":
+        producer_of = _MemtreeProducer
+        how = f"Worker.run() in another process, concurrency {LATENCY_CONCURRENCY}"
+    elif family == "pgqueuer":
+        from benchmarks import sys_pgqueuer
+
+        producer_of = sys_pgqueuer.Producer
+        how = f"QueueManager.run() in another process, batch_size {PGQUEUER_BATCH}"
+    elif family == "procrastinate":
+        from benchmarks import sys_procrastinate
+
+        producer_of = sys_procrastinate.Producer
+        how = "run_worker_async() in another process, LISTEN/NOTIFY on"
+    else:
+        from benchmarks import sys_huey
+
+        producer_of = sys_huey.Producer
+        how = f"consumer in another process, polling every {HUEY_POLL_S * 1000:.0f} ms"
+    sizes = run.sizes
+    with run.target(system) as target:
+        spec = {
+            "backend": target.backend,
+            "url": target.url,
+            "path": target.path if not target.is_pg else None,
+            "concurrency": LATENCY_CONCURRENCY,
+            "batch": PGQUEUER_BATCH,
+        }
+        child = proc.Child(role, spec)
+        producer = None
+        try:
+            child.expect("READY", 120)
+            producer = producer_of(target)
+            time.sleep(0.5)
+            _paced(producer.enqueue, LATENCY_WARMUP, sizes.latency_rate_per_s)
+            _collect(child, set(range(LATENCY_WARMUP)), 30)
+            committed = _paced(
+                producer.enqueue, sizes.latency_jobs, sizes.latency_rate_per_s, LATENCY_WARMUP
+            )
+            started = _collect(child, set(committed), 60)
+            child.send("STOP")
+        finally:
+            if producer is not None:
+                producer.close()
+            child.close()
+    _latency_figures(run, system, committed, started, how)
+
+
+def _latency_in_process(run: Run, system: str) -> None:
+    """SQLite: the worker and the producer in one process."""
+    sizes = run.sizes
+    with run.target(system) as target:
+        spec = {
+            "backend": target.backend,
+            "url": target.url,
+            "concurrency": LATENCY_CONCURRENCY,
+            "warmup": LATENCY_WARMUP,
+            "jobs": sizes.latency_jobs,
+            "rate": sizes.latency_rate_per_s,
+        }
+        (result,) = proc.run_together("memtree-latency-inprocess", [spec], timeout=600)
+    committed = {int(k): v for k, v in result["committed"].items() if int(k) >= LATENCY_WARMUP}
+    started = {int(k): v for k, v in result["started"].items()}
+    how = f"Worker.run() in the producer's process, concurrency {LATENCY_CONCURRENCY}"
+    _latency_figures(run, system, committed, started, how)
+
+
+def latency(run: Run) -> None:
+    for system in run.systems:
+        if system == "memtree-sqlite":
+            run.guarded("latency", "p50", system, partial(_latency_in_process, run, system))
+        elif system in ("memtree-pg", "pgqueuer", "procrastinate", "huey"):
+            run.guarded("latency", "p50", system, partial(_latency_other_process, run, system))
+
+
+# -- 4. backlog ----------------------------------------------------------------------------
+
+BACKLOG_WARMUP = 3
+
+
+def _backlog(run: Run, system: str, scenario: str, done: int, ready: int) -> None:
+    sizes = run.sizes
+    batch = sizes.backlog_batch or run.concurrency
+    memtree_family = SYSTEMS[system].family == "memtree"
+    variants: list[tuple[str, list[str] | None]] = (
+        [("worker", [KIND]), ("all-kinds", None)] if memtree_family else [("raw", [KIND])]
+    )
+    waiting = max(ready, (sizes.backlog_claims + BACKLOG_WARMUP) * batch * len(variants))
+    with run.target(system) as target:
+        dbs.fill(target, done, kind=KIND, status="done", start_ms=dbs.now_ms() - 10**7)
+        dbs.fill(target, waiting, kind=KIND)
+        dbs.analyze(target)
+        for name, kinds in variants:
+            if memtree_family:
+                costs = sys_memtree.claim_costs(
+                    target, sizes.backlog_claims, batch, kinds=kinds, warmup=BACKLOG_WARMUP
+                )
+            else:
+                costs = sys_floor.claim_costs(
+                    target, sizes.backlog_claims, batch, warmup=BACKLOG_WARMUP
+                )
+            ms = [c * 1000 for c in costs]
+            detail = {
+                "claims": len(ms),
+                "batch": batch,
+                "done_rows": done,
+                "ready_rows": waiting,
+                "mean_ms": statistics.fmean(ms),
+                "p95_ms": percentile(ms, 0.95),
+            }
+            figure = Figure(
+                "backlog", f"{scenario}/{name}", system, "ms", statistics.median(ms), detail
+            )
+            run.add(figure)
+
+
+def backlog(run: Run) -> None:
+    sizes = run.sizes
+    scenarios: list[tuple[str, int, int]] = [("empty", 0, 0)]
+    scenarios += [(f"done-{done}", done, 0) for done in sizes.backlog_done]
+    scenarios.append((f"ready-{sizes.backlog_ready}", 0, sizes.backlog_ready))
+    for system in run.systems:
+        if SYSTEMS[system].family not in ("memtree", "floor"):
+            continue
+        for scenario, done, ready in scenarios:
+            work = partial(_backlog, run, system, scenario, done, ready)
+            run.guarded("backlog", scenario, system, work)
+
+
+# -- 5. memory -----------------------------------------------------------------------------
+
+
+def _memory(run: Run, system: str) -> None:
+    sizes = run.sizes
+    with run.target(system) as target:
+        dbs.fill(target, sizes.memory_jobs, kind=KIND)
+        dbs.analyze(target)
+        spec = {
+            "backend": target.backend,
+            "url": target.url,
+            "concurrency": run.concurrency,
+            "sample_every": sizes.memory_first_sample,
+        }
+        (result,) = proc.run_together("memtree-memory", [spec], timeout=1800)
+    if result["count"] != sizes.memory_jobs:
+        raise RuntimeError(f"{result['count']} jobs worked, not {sizes.memory_jobs}")
+    samples = {n: rss for n, rss in result["samples"]}
+    first = samples[sizes.memory_first_sample]
+    last = samples.get(sizes.memory_jobs, result["end_rss"])
+    detail = {
+        "jobs": sizes.memory_jobs,
+        "concurrency": run.concurrency,
+        "samples_mib": [[n, rss / 2**20] for n, rss in result["samples"]],
+        "start_rss_mib": result["start_rss"] / 2**20,
+        "jobs_per_s": sizes.memory_jobs / (result["end"] - result["start"]),
+        "first_sample_at": sizes.memory_first_sample,
+    }
+    run.add(Figure("memory", "rss-first", system, "MiB", first / 2**20, detail))
+    run.add(Figure("memory", "rss-last", system, "MiB", last / 2**20, detail))
+    run.add(Figure("memory", "growth", system, "%", (last / first - 1) * 100, detail))
+
+
+def memory(run: Run) -> None:
+    for system in run.systems:
+        if SYSTEMS[system].family == "memtree":
+            run.guarded("memory", "rss", system, partial(_memory, run, system))
+
+
+RUNNERS: dict[str, Callable[[Run], None]] = {
+    "enqueue": enqueue,
+    "drain": drain,
+    "latency": latency,
+    "backlog": backlog,
+    "memory": memory,
+}

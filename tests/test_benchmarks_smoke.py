@@ -1,0 +1,167 @@
+"""The benchmark harness at a tiny size, so that it cannot rot.
+
+One ``python -m benchmarks --smoke --json ... --chart ...`` run in a subprocess, then
+checks that every workload produced a positive figure for memtree on both databases,
+for the raw-SQL floors and for each peer. Nothing here asserts a speed: the figures
+of a smoke run mean nothing, and the full run is a manual command
+(``docs/benchmarks.md``).
+
+A peer is skipped, with the reason, only when its package is not importable; under
+``CI=true`` the peers of the ``test`` extra must be there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgresql, pytest.mark.sqlite]
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_URL = os.environ.get("MEMTREE_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/postgres")
+
+WORKLOADS = ("enqueue", "drain", "latency", "backlog", "memory")
+
+#: What each system must have measured: workload -> cases.
+EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "memtree": {
+        "enqueue": ("single", "batched"),
+        "drain": ("noop-1p", "noop-2p", "tx-1p"),
+        "latency": ("p50", "p99"),
+        "backlog": ("empty/worker", "empty/all-kinds", "done-1000/worker", "ready-1000/worker"),
+        "memory": ("rss-first", "rss-last"),
+    },
+    "floor": {
+        "enqueue": ("single", "batched"),
+        "drain": ("noop-1p", "noop-2p", "tx-1p"),
+        "backlog": ("empty/raw", "done-1000/raw", "ready-1000/raw"),
+    },
+    "pgqueuer": {
+        "enqueue": ("single", "batched"),
+        "drain": ("noop-1p", "noop-2p"),
+        "latency": ("p50", "p99"),
+    },
+    "procrastinate": {
+        "enqueue": ("single", "batched"),
+        "drain": ("noop-1p",),
+        "latency": ("p50", "p99"),
+    },
+    "huey": {"enqueue": ("single",), "drain": ("noop-1p",), "latency": ("p50", "p99")},
+}
+
+PEER_MODULES = {
+    "pgqueuer": ("pgqueuer", "asyncpg"),
+    "procrastinate": ("procrastinate",),
+    "huey": ("huey",),
+}
+
+
+def _pg_problem() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    problem = _pg_problem()
+    if problem is not None:
+        message = f"PostgreSQL is not reachable at {PG_URL}: {problem}"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true requires the benchmark smoke run)")
+        pytest.skip(message)
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--smoke",
+        "--json",
+        str(out / "smoke.json"),
+        "--chart",
+        str(out / "smoke.png"),
+        "--pg-url",
+        PG_URL,
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    payload: dict[str, Any] = json.loads((out / "smoke.json").read_text())
+    payload["chart_bytes"] = (out / "smoke.png").stat().st_size
+    return payload
+
+
+def _figures(smoke: dict[str, Any], system: str) -> dict[tuple[str, str], float]:
+    return {
+        (f["workload"], f["case"]): f["value"] for f in smoke["figures"] if f["system"] == system
+    }
+
+
+def _check(smoke: dict[str, Any], system: str, expected: dict[str, tuple[str, ...]]) -> None:
+    figures = _figures(smoke, system)
+    for workload, cases in expected.items():
+        for case in cases:
+            value = figures.get((workload, case))
+            assert value is not None, f"{system}: no {workload} figure for {case}"
+            assert value > 0, f"{system}: {workload} {case} = {value}"
+
+
+def test_the_run_is_clean_and_complete(smoke: dict[str, Any]) -> None:
+    assert smoke["errors"] == []
+    assert smoke["meta"]["sizes"] == "smoke"
+    assert set(smoke["meta"]["workloads"]) == set(WORKLOADS)
+    assert smoke["checks"], "no ratio was computed"
+    assert "| workload |" in smoke["markdown"]["checks"]
+    assert smoke["chart_bytes"] > 10_000
+
+
+@pytest.mark.parametrize("system", ["memtree-pg", "memtree-sqlite"])
+def test_memtree_has_every_workload(smoke: dict[str, Any], system: str) -> None:
+    assert {f["workload"] for f in smoke["figures"] if f["system"] == system} == set(WORKLOADS)
+    _check(smoke, system, EXPECTED["memtree"])
+
+
+@pytest.mark.parametrize("system", ["floor-pg", "floor-sqlite"])
+def test_the_raw_sql_floor(smoke: dict[str, Any], system: str) -> None:
+    _check(smoke, system, EXPECTED["floor"])
+
+
+@pytest.mark.parametrize("peer", ["pgqueuer", "procrastinate", "huey"])
+def test_each_peer(smoke: dict[str, Any], peer: str) -> None:
+    missing = [m for m in PEER_MODULES[peer] if importlib.util.find_spec(m) is None]
+    if missing:
+        reason = f"{peer} is not installed ({', '.join(missing)}): pip install -e '.[bench]'"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true requires the peers of the test extra")
+        pytest.skip(reason)
+    _check(smoke, peer, EXPECTED[peer])
+    if peer == "huey":
+        _check(smoke, "huey-default", {"drain": ("noop-1p",)})
+
+
+def test_every_ratio_was_computed(smoke: dict[str, Any]) -> None:
+    """Every comparison with both figures present has a result (pass, FAIL or info)."""
+    statuses = {row["status"] for row in smoke["checks"]}
+    assert statuses <= {"pass", "FAIL", "info", "n/a"}
+    missing = [
+        row["label"]
+        for row in smoke["checks"]
+        if row["status"] == "n/a" and row["system"].startswith("memtree")
+    ]
+    installed = all(
+        importlib.util.find_spec(m) is not None for mods in PEER_MODULES.values() for m in mods
+    )
+    if installed:
+        assert missing == []
