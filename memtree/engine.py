@@ -42,12 +42,22 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+def _decode_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
 def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # memtree issues BEGIN itself (below); the driver's implicit BEGIN would be
         # DEFERRED and could fail with SQLITE_BUSY instead of waiting.
         dbapi_connection.isolation_level = None
+        # Another program may have written bytes that are not UTF-8: read them with
+        # replacement characters rather than fail every claim that picks the row.
+        dbapi_connection.text_factory = _decode_text
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")

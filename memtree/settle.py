@@ -66,6 +66,7 @@ __all__ = [
     "requeue_failed",
     "requeue_job",
     "requeue_transient_failed",
+    "storable_text",
 ]
 
 NULL: ColumnClause[Any] = literal_column("NULL")
@@ -207,10 +208,21 @@ def _settled(executor: Executor, name: str, job: Job, params: dict[str, Any]) ->
     return store.rowcount(result) == 1
 
 
+def storable_text(text: str) -> str:
+    """``text`` as every database can store it: lone surrogates backslash-escaped, NUL as
+    ``\\x00`` (PostgreSQL text cannot hold it). Anything else is kept exactly."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
 def error_text(error: object) -> str:
-    """The full text stored in ``last_error``: the message, or every link of an exception chain."""
+    """The full text stored in ``last_error``: the message, or every link of an exception
+    chain, made storable (see :func:`storable_text`)."""
     if not isinstance(error, BaseException):
-        return str(error)
+        return storable_text(str(error))
     parts: list[str] = []
     seen: set[int] = set()
     current: BaseException | None = error
@@ -219,7 +231,7 @@ def error_text(error: object) -> str:
         message = str(current)
         parts.append(f"{type(current).__name__}: {message}" if message else type(current).__name__)
         current = current.__cause__ if current.__cause__ is not None else current.__context__
-    return "; caused by ".join(parts)
+    return storable_text("; caused by ".join(parts))
 
 
 def mark_done(
@@ -363,7 +375,7 @@ def mark_failed(
             {
                 "now": now_ms,
                 "error": text,
-                "reason": typed.code if typed else None,
+                "reason": storable_text(typed.code) if typed else None,
                 "class": typed.failure_class.value if typed else None,
             },
         )
@@ -389,7 +401,7 @@ def mark_deferred(
         "oldest": store.saturating(now_ms - max_defer_age_ms),
         "pre_claim_attempts": max(job.attempts - 1, 0),
         "until": check_ms("until_ms", until_ms),
-        "reason": str(reason),
+        "reason": storable_text(str(reason)),
     }
     return _settled(executor, "deferred", job, params)
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Select,
     Update,
     bindparam,
+    case,
     delete,
     func,
     literal,
@@ -95,6 +96,8 @@ Executor: TypeAlias = Connection | Session
 READY: ColumnClause[str] = literal_column("'ready'")
 RUNNING: ColumnClause[str] = literal_column("'running'")
 FAILED: ColumnClause[str] = literal_column("'failed'")
+
+_MAX_ATTEMPTS = 2**31 - 1
 
 # Rows per INSERT in enqueue_many: under SQLite's bound-parameter limit on any build.
 _INSERT_CHUNK = 500
@@ -227,6 +230,9 @@ def enqueue_many(
                 continue
             seen.add(key)
         to_insert.append(row)
+    # Every batch takes its keys' index locks in one order, so two batches holding the
+    # same keys in opposite orders cannot deadlock on PostgreSQL.
+    to_insert.sort(key=lambda row: (row["dedupe_key"] is None, row["dedupe_key"] or ""))
     dialect = dialect_of(executor)
     statement = _insert_many_statement(dialect.name)
     inserted: set[str] = set()
@@ -291,7 +297,11 @@ def _claim_statement(
         )
     values: dict[str, ColumnElement[Any]] = {
         "status": RUNNING,
-        "attempts": jobs.c.attempts + 1,
+        # Saturating: a row another program wrote with the largest attempts must not make
+        # the whole claim overflow PostgreSQL's INTEGER and fail for every job behind it.
+        "attempts": case(
+            (jobs.c.attempts < _MAX_ATTEMPTS, jobs.c.attempts + 1), else_=jobs.c.attempts
+        ),
         "started_at_ms": bindparam("now"),
         "locked_until_ms": bindparam("until"),
         "last_error": literal_column("NULL"),
