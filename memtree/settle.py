@@ -35,6 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnClause
 
 from memtree import store
+from memtree.dialects import dialect_for
 from memtree.models import jobs
 from memtree.store import FAILED, READY, RUNNING, Executor
 from memtree.types import (
@@ -304,7 +305,7 @@ def mark_done_many(
     the settlement session share one transaction instead of paying for one each.
     """
     claims = [(job, followups) for job, followups in done if job.lease_token is not None]
-    settled: set[str] = set()
+    matched: set[tuple[str, str | None]] = set()
     for start in range(0, len(claims), _SETTLE_CHUNK):
         chunk = claims[start : start + _SETTLE_CHUNK]
         statement = (
@@ -312,14 +313,16 @@ def mark_done_many(
             .where(_held([job for job, _ in chunk]))
             .where(jobs.c.cancel_requested_at_ms.is_(None))
             .values(status=DONE, completed_at_ms=now_ms, locked_until_ms=NULL, last_error=NULL)
-            .returning(jobs.c.id)
+            .returning(jobs.c.id, jobs.c.lease_token)
         )
-        settled.update(executor.execute(statement).scalars())
+        matched.update((row[0], row[1]) for row in executor.execute(statement))
     # Jobs the original crate claimed carry no token: fence them one by one.
     for job, _ in done:
         if job.lease_token is None and mark_done(executor, job, (), now_ms=now_ms):
-            settled.add(job.id)
-    followups = [new for job, news in done if job.id in settled for new in news]
+            matched.add((job.id, None))
+    # Only the claims that settled bring their follow-ups, not a stale claim of the same job.
+    followups = [new for job, news in done if (job.id, job.lease_token) in matched for new in news]
+    settled = {job_id for job_id, _ in matched}
     if followups:
         store.enqueue_many(
             executor, followups, now_ms=now_ms, default_max_attempts=default_max_attempts
@@ -412,10 +415,26 @@ def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms:
     return _settled(executor, "extend", job, {"until": until})
 
 
+@cache
+def _recover_statement(dialect_name: str) -> Update:
+    expired = (
+        select(jobs.c.id)
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.locked_until_ms.is_not(None))
+        .where(jobs.c.locked_until_ms < bindparam("now"))
+    )
+    if dialect_for(dialect_name).skip_locked:
+        # A row another transaction holds (a frozen worker mid-commit) is skipped, not
+        # waited for: recovery runs on the worker's only loop thread.
+        expired = expired.with_for_update(skip_locked=True)
+    return _statements()["recover"].where(jobs.c.id.in_(expired.scalar_subquery()))
+
+
 def recover_stale_locks(executor: Executor, *, now_ms: int) -> int:
     """Return expired leases to ``ready``; a row with no attempts left fails
     ``stale_lock_exhausted`` (transient) instead of looping forever."""
-    return store.rowcount(executor.execute(_statements()["recover"], {"now": now_ms}))
+    statement = _recover_statement(store.dialect_of(executor).name)
+    return store.rowcount(executor.execute(statement, {"now": now_ms}))
 
 
 def release_running_locks(
@@ -428,11 +447,10 @@ def release_running_locks(
     """
     statement = update(jobs).where(jobs.c.status == RUNNING)
     if held is not None:
-        if not held:
+        claims = [job for job in held if job.lease_token is not None]
+        if not claims:
             return 0
-        statement = statement.where(jobs.c.id.in_([job.id for job in held])).where(
-            jobs.c.lease_token.in_({job.lease_token for job in held if job.lease_token})
-        )
+        statement = statement.where(_held(claims))
     cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
     statement = statement.values(
         status=case((cancelling, CANCELLED), else_=READY),

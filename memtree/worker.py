@@ -291,7 +291,7 @@ class Worker:
         heartbeat_interval_ms: int | None = None,
         poll_interval_s: float | None = None,
         shutdown_grace_s: float = 30.0,
-        recover_interval_s: float = 30.0,
+        recover_interval_s: float | None = None,
         self_heal_interval_s: float = 600.0,
         flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
@@ -326,7 +326,8 @@ class Worker:
         self.poll_interval_s = poll_interval_s or (1.0 if on_pg else 0.25)
         self.shutdown_grace_s = shutdown_grace_s
         self.intervals = {
-            "recover": recover_interval_s,
+            # At most half a lease, so a dead peer's jobs wait about a lease, not 30 s more.
+            "recover": recover_interval_s or min(30.0, self.lock_duration_ms / 2000),
             "self_heal": self_heal_interval_s,
             "flush_stale": flush_stale_interval_s,
             "prune": prune_interval_s,
