@@ -11,6 +11,8 @@ of :mod:`memtree.store` and :mod:`memtree.settle`.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -20,14 +22,18 @@ from sqlalchemy import (
     Select,
     Text,
     Update,
+    and_,
     bindparam,
     func,
     insert,
     literal,
+    literal_column,
     select,
     text,
+    tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -78,12 +84,31 @@ class Dialect:
         """One job in, returning its id when inserted (and notifying, where the database can)."""
         return self.insert_unless_active_key().values(_insert_binds()).returning(jobs.c.id)
 
-    def notify(self) -> Executable | None:
-        """A statement that wakes listening workers for the kind in ``:kind``, if any."""
-        return None
+    def enqueue_batch(self) -> Executable:
+        """Many jobs in, returning the id of each row inserted (and notifying, where the
+        database can); run once per batch with the parameters of :meth:`batch_params`."""
+        return self.insert_unless_active_key().returning(jobs.c.id)
+
+    def batch_params(
+        self, rows: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The parameters of :meth:`enqueue_batch` for these rows, each a value per
+        :data:`INSERT_COLUMNS`: here one parameter set per row, in order."""
+        return list(rows)
 
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         """An UPDATE that applies ``values`` to the rows ``picked`` selects, returning them."""
+        raise NotImplementedError
+
+    def holds_claims(self) -> ColumnElement[bool]:
+        """True for a ``running`` row whose ``(id, lease_token)`` is one of the claims bound by
+        :meth:`claims_params`. The SQL text is the same for any number of claims, so it
+        is compiled once and prepared by the driver, where a list of bound tuples would
+        be a new statement for every batch size."""
+        raise NotImplementedError
+
+    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        """The parameters of :meth:`holds_claims` for these ``(id, lease_token)`` pairs."""
         raise NotImplementedError
 
 
@@ -100,6 +125,24 @@ class SQLiteDialect(Dialect):
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         return update(jobs).where(jobs.c.id.in_(picked.scalar_subquery())).values(values)
 
+    def holds_claims(self) -> ColumnElement[bool]:
+        # One JSON array of [id, token] pairs, each id looked up by primary key. Without
+        # ANALYZE statistics SQLite would rather walk every running row through the status
+        # index; the unary + (SQLite's own idiom) takes that index out of the choice.
+        pairs = func.json_each(bindparam("claims", type_=Text)).table_valued("value")
+        return and_(
+            literal_column(f"+{jobs.name}.status") == literal_column("'running'"),
+            tuple_(jobs.c.id, jobs.c.lease_token).in_(
+                select(
+                    func.json_extract(pairs.c.value, literal_column("'$[0]'")),
+                    func.json_extract(pairs.c.value, literal_column("'$[1]'")),
+                )
+            ),
+        )
+
+    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return {"claims": json.dumps(claims)}
+
 
 class PostgresDialect(Dialect):
     """PostgreSQL claims lock their rows and skip locked ones, so workers never collide."""
@@ -109,18 +152,28 @@ class PostgresDialect(Dialect):
     notifies = True
 
     def enqueue_one(self) -> Executable:
-        # Insert and NOTIFY in one round trip; NOTIFY is delivered when the caller's
-        # transaction commits, and only for a row that was really inserted.
-        inserted = (
-            self.insert_unless_active_key()
-            .values(_insert_binds())
-            .returning(jobs.c.id, jobs.c.kind)
-            .cte("inserted")
-        )
-        return select(inserted.c.id, func.pg_notify(literal(NOTIFY_CHANNEL), inserted.c.kind))
+        return _notifying(self.insert_unless_active_key().values(_insert_binds()))
 
-    def notify(self) -> Executable:
-        return select(func.pg_notify(literal(NOTIFY_CHANNEL), bindparam("kind", type_=Text)))
+    def enqueue_batch(self) -> Executable:
+        # One array per column, unnested into rows: the text is the same for any number of
+        # jobs, so the driver prepares it once, where a multi-row VALUES list would be a
+        # new statement for the driver to parse and the server to plan for every size.
+        # unnest reads the arrays in order, so rows go in (and take their dedupe index
+        # locks) in the order given.
+        batch = (
+            func.unnest(
+                *(bindparam(name, type_=ARRAY(jobs.c[name].type)) for name in INSERT_COLUMNS)
+            )
+            .table_valued(*INSERT_COLUMNS)
+            .render_derived(name="batch")
+        )
+        insert = self.insert_unless_active_key().from_select(INSERT_COLUMNS, select(*batch.c))
+        return _notifying(insert)
+
+    def batch_params(
+        self, rows: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        return {name: [row[name] for row in rows] for name in INSERT_COLUMNS}
 
     def insert_unless_active_key(self) -> Insert:
         # The conflict target names the partial index by its literal predicate, so the
@@ -135,12 +188,41 @@ class PostgresDialect(Dialect):
         chosen = picked.cte("picked").prefix_with("MATERIALIZED")
         return update(jobs).where(jobs.c.id == chosen.c.id).values(values)
 
+    def holds_claims(self) -> ColumnElement[bool]:
+        # Two text arrays zipped by unnest: one prepared statement for any batch.
+        pairs = (
+            func.unnest(
+                bindparam("claim_ids", type_=ARRAY(Text)),
+                bindparam("claim_tokens", type_=ARRAY(Text)),
+            )
+            .table_valued("id", "token")
+            .render_derived(name="claims")
+        )
+        return and_(
+            jobs.c.status == literal_column("'running'"),
+            tuple_(jobs.c.id, jobs.c.lease_token).in_(select(pairs.c.id, pairs.c.token)),
+        )
+
+    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return {
+            "claim_ids": [job_id for job_id, _ in claims],
+            "claim_tokens": [token for _, token in claims],
+        }
+
 
 _DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLiteDialect(), PostgresDialect())}
 
 
 def _insert_binds() -> dict[str, BindParameter[Any]]:
     return {name: bindparam(name, type_=jobs.c[name].type) for name in INSERT_COLUMNS}
+
+
+def _notifying(insert: Insert) -> Executable:
+    """``insert`` and a NOTIFY per row it really inserted, in one round trip, returning
+    each inserted id. Notifications are delivered when the transaction commits, and one
+    kind notified many times in a transaction is delivered once."""
+    inserted = insert.returning(jobs.c.id, jobs.c.kind).cte("inserted")
+    return select(inserted.c.id, func.pg_notify(literal(NOTIFY_CHANNEL), inserted.c.kind))
 
 
 def dialect_for(name: str) -> Dialect:

@@ -28,7 +28,6 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -76,8 +75,6 @@ CANCELLED: ColumnClause[str] = literal_column("'cancelled'")
 UNRECOVERABLE: ColumnClause[str] = literal_column("'unrecoverable'")
 TRANSIENT: ColumnClause[str] = literal_column("'transient'")
 
-# Claims per batched settle statement: well under SQLite's bound-parameter limit.
-_SETTLE_CHUNK = 400
 
 # Attempts at a requeue that lost a race for a dedupe key on PostgreSQL; each retry
 # sees the winner and leaves that key alone, so a second attempt already succeeds.
@@ -283,12 +280,47 @@ def cancel(executor: Executor, job_id: str, *, now_ms: int) -> CancelOutcome | N
     return None if found is None else CancelOutcome.FINISHED
 
 
-def _held(held: Sequence[Job]) -> ColumnElement[bool]:
-    """The rows still running under exactly these claims (tokens are unique per claim)."""
-    return and_(
-        jobs.c.status == RUNNING,
-        tuple_(jobs.c.id, jobs.c.lease_token).in_([(job.id, job.lease_token) for job in held]),
-    )
+def _claims(held: Sequence[Job]) -> list[tuple[str, str]]:
+    return [(job.id, job.lease_token) for job in held if job.lease_token is not None]
+
+
+@cache
+def _held_statements(dialect_name: str) -> dict[str, Update]:
+    """The batched settles, fenced to each row's own claim, built once per database."""
+    held = dialect_for(dialect_name).holds_claims()
+    cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
+    return {
+        "done": update(jobs)
+        .where(held)
+        .where(jobs.c.cancel_requested_at_ms.is_(None))
+        .values(
+            status=DONE,
+            completed_at_ms=bindparam("now"),
+            locked_until_ms=NULL,
+            last_error=NULL,
+        )
+        .returning(jobs.c.id, jobs.c.lease_token),
+        "extend": update(jobs)
+        .where(held)
+        .values(locked_until_ms=bindparam("until"))
+        .returning(jobs.c.id),
+        "release": update(jobs)
+        .where(held)
+        .values(
+            status=case((cancelling, CANCELLED), else_=READY),
+            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+            locked_until_ms=NULL,
+            started_at_ms=NULL,
+            completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
+            lease_token=NULL,
+        ),
+    }
+
+
+def _run_held(executor: Executor, which: str, held: Sequence[Job], params: dict[str, Any]) -> Any:
+    dialect = store.dialect_of(executor)
+    statement = _held_statements(dialect.name)[which]
+    return executor.execute(statement, {**params, **dialect.claims_params(_claims(held))})
 
 
 def mark_done_many(
@@ -304,18 +336,10 @@ def mark_done_many(
     This is the worker's batched completer: jobs whose handlers wrote nothing through
     the settlement session share one transaction instead of paying for one each.
     """
-    claims = [(job, followups) for job, followups in done if job.lease_token is not None]
     matched: set[tuple[str, str | None]] = set()
-    for start in range(0, len(claims), _SETTLE_CHUNK):
-        chunk = claims[start : start + _SETTLE_CHUNK]
-        statement = (
-            update(jobs)
-            .where(_held([job for job, _ in chunk]))
-            .where(jobs.c.cancel_requested_at_ms.is_(None))
-            .values(status=DONE, completed_at_ms=now_ms, locked_until_ms=NULL, last_error=NULL)
-            .returning(jobs.c.id, jobs.c.lease_token)
-        )
-        matched.update((row[0], row[1]) for row in executor.execute(statement))
+    if any(job.lease_token is not None for job, _ in done):
+        result = _run_held(executor, "done", [job for job, _ in done], {"now": now_ms})
+        matched.update((row[0], row[1]) for row in result)
     # Jobs the original crate claimed carry no token: fence them one by one.
     for job, _ in done:
         if job.lease_token is None and mark_done(executor, job, (), now_ms=now_ms):
@@ -336,15 +360,8 @@ def extend_leases(
     """Heartbeat many claims in one statement; returns the ids whose lease is still held."""
     until = store.saturating(now_ms + lock_duration_ms)
     kept: set[str] = set()
-    claims = [job for job in held if job.lease_token is not None]
-    for start in range(0, len(claims), _SETTLE_CHUNK):
-        statement = (
-            update(jobs)
-            .where(_held(claims[start : start + _SETTLE_CHUNK]))
-            .values(locked_until_ms=until)
-            .returning(jobs.c.id)
-        )
-        kept.update(executor.execute(statement).scalars())
+    if any(job.lease_token is not None for job in held):
+        kept.update(_run_held(executor, "extend", held, {"until": until}).scalars())
     for job in held:
         if job.lease_token is None and extend_lease(
             executor, job, now_ms=now_ms, lock_duration_ms=lock_duration_ms
@@ -445,20 +462,22 @@ def release_running_locks(
     With ``held``, only those claims are released (a worker releases its own leases);
     without it, every running row is.
     """
-    statement = update(jobs).where(jobs.c.status == RUNNING)
     if held is not None:
-        claims = [job for job in held if job.lease_token is not None]
-        if not claims:
+        if not any(job.lease_token is not None for job in held):
             return 0
-        statement = statement.where(_held(claims))
+        return store.rowcount(_run_held(executor, "release", held, {"now": now_ms}))
     cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
-    statement = statement.values(
-        status=case((cancelling, CANCELLED), else_=READY),
-        attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
-        locked_until_ms=NULL,
-        started_at_ms=NULL,
-        completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
-        lease_token=NULL,
+    statement = (
+        update(jobs)
+        .where(jobs.c.status == RUNNING)
+        .values(
+            status=case((cancelling, CANCELLED), else_=READY),
+            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+            locked_until_ms=NULL,
+            started_at_ms=NULL,
+            completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
+            lease_token=NULL,
+        )
     )
     return store.rowcount(executor.execute(statement, {"now": now_ms}))
 

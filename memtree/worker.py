@@ -257,11 +257,12 @@ class _Completed:
     duration_s: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     job: Job
     context: JobContext
     gate: Gate | None
+    traced: bool
     started: float = field(default_factory=time.monotonic)
 
 
@@ -366,7 +367,7 @@ class Worker:
         self._completed_since = 0.0
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, concurrency // 4)
-        self._tasks: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self._tasks: queue_module.SimpleQueue[_Running | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._settled = 0
         self._due: dict[str, float] = {}
@@ -508,17 +509,15 @@ class Worker:
                 self._completed_since = time.monotonic()
             return 0
         settled, batches = result
-        for completed in taken:
-            fields = _fields(completed.job, completed.duration_s)
-            matched = completed.job.id in settled
-            self._finish(completed.job, "done", matched, completed.duration_s, fields)
+        self._finish_batch(taken, settled)
         claimed = 0
         now_ms = self.queue.now_ms()
+        traced = tracing.enabled()
         for (gate, _, _), jobs in zip(plan, batches, strict=True):
             for job in jobs:
                 if self.metrics is not None:
                     self.metrics.on_claimed(job, now_ms)
-                self._dispatch(job, gate)
+                self._dispatch(job, gate, traced)
                 claimed += 1
         return claimed
 
@@ -553,68 +552,77 @@ class Worker:
 
     # -- running a job -----------------------------------------------------------------
 
-    def _dispatch(self, job: Job, gate: Gate | None) -> None:
-        context = JobContext(job, self.queue, self._session_factory)
+    def _dispatch(self, job: Job, gate: Gate | None, traced: bool) -> None:
+        entry = _Running(job, JobContext(job, self.queue, self._session_factory), gate, traced)
         with self._lock:
-            self._running[job.id] = _Running(job, context, gate)
+            self._running[job.id] = entry
             if gate is not None:
                 self._gate_busy[gate.name] += 1
             if len(self._running) == 1:
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval_ms / 1000
-        self._tasks.put(job)
+        self._tasks.put(entry)
 
     def _serve(self) -> None:
         while True:
-            job = self._tasks.get()
-            if job is None:
-                return
-            with self._lock:
-                entry = self._running.get(job.id)
+            entry = self._tasks.get()
             if entry is None:
-                continue
+                return
             try:
-                self._execute(entry)
+                completed = self._execute(entry)
             except Exception:  # never lose a handler thread
-                log.exception("memtree worker failed to settle job %s", job.id)
-            finally:
-                with self._lock:
-                    self._running.pop(job.id, None)
-                    if entry.gate is not None:
-                        self._gate_busy[entry.gate.name] -= 1
+                log.exception("memtree worker failed to settle job %s", entry.job.id)
+                completed = None
+            with self._lock:
+                self._running.pop(entry.job.id, None)
+                if entry.gate is not None:
+                    self._gate_busy[entry.gate.name] -= 1
+                if completed is not None:
+                    if not self._completed:
+                        self._completed_since = time.monotonic()
+                    self._completed.append(completed)
+                # Wake the loop only when it has something to do: a gate permit or the
+                # claim threshold freed, the last job finished, the first completion to
+                # settle (it arms the flush timer), or a run the handler thread settled.
+                # Waking it for every job of a fast kind costs more than the jobs.
+                wake = (
+                    completed is None
+                    or entry.gate is not None
+                    or not self._running
+                    or len(self._completed) == 1
+                    or self.concurrency - len(self._running) == self._claim_batch
+                )
+            if wake:
                 self._wake.set()
 
-    def _execute(self, entry: _Running) -> None:
+    def _execute(self, entry: _Running) -> _Completed | None:
+        """Run one job; a plain success is returned for the loop to settle in a batch,
+        every other outcome is settled here (``None``)."""
         job, ctx = entry.job, entry.context
         outcome: object
-        with tracing.span(f"memtree.job {job.kind}", _span_attributes(job)):
+        with tracing.span(f"memtree.job {job.kind}", _span_attributes(job), record=entry.traced):
             try:
                 outcome = self.handlers[job.kind](ctx)
             except Exception as exc:
                 outcome = exc
         duration_s = time.monotonic() - entry.started
-        fields = _fields(job, duration_s)
         if ctx._is_set("_lease_lost"):
             ctx._close(commit=False)
-            self._finish(job, "lease_lost", False, duration_s, fields)
-            return
+            self._finish(job, "lease_lost", False, duration_s, _fields(job, duration_s))
+            return None
+        if outcome is None and not ctx.uses_session:
+            # Settled by the loop in a batch with others (see _exchange).
+            return _Completed(job, ctx._followups, duration_s)
+        fields = _fields(job, duration_s)
         if outcome is None:
-            if not ctx.uses_session:
-                # Settled by the loop in a batch with others (see _flush_completed).
-                with self._lock:
-                    if not self._completed:
-                        self._completed_since = time.monotonic()
-                    self._completed.append(_Completed(job, list(ctx._followups), duration_s))
-                self._wake.set()
-                return
             self._finish(job, "done", self._commit(ctx, fields), duration_s, fields)
-            return
+            return None
         ctx._close(commit=False)
         if isinstance(outcome, Defer):
             until = outcome.resolve(self.queue.now_ms())
             log.info("job %s deferred: %s", job.id, scrub(outcome.reason), extra=fields)
             settled = self._retrying(lambda: self.queue.mark_deferred(job, until, outcome.reason))
             self._finish(job, "deferred", settled, duration_s, fields)
-            return
+            return None
         error = (
             outcome
             if isinstance(outcome, BaseException)
@@ -623,6 +631,7 @@ class Worker:
         log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
         settled = self._retrying(lambda: self.queue.mark_failed(job, error))
         self._finish(job, "failed", settled, duration_s, fields)
+        return None
 
     def _commit(self, ctx: JobContext, fields: dict[str, Any]) -> bool | None:
         """Settle ``done`` in the handler's own session: its writes, follow-ups and the
@@ -697,11 +706,28 @@ class Worker:
         settled = self._retrying(
             lambda: self.queue.mark_done_many([(c.job, c.followups) for c in batch])
         )
+        self._finish_batch(batch, settled)
+
+    def _finish_batch(self, batch: list[_Completed], settled: set[str] | None) -> None:
+        """Count the runs of a batched settle (``settled``: the ids that matched, or
+        ``None`` when the database stayed away); the rest go through :meth:`_finish`."""
+        matched = [c for c in batch if settled is not None and c.job.id in settled]
+        with self._lock:
+            self._settled += len(matched)
+        if log.isEnabledFor(logging.DEBUG):
+            for completed in matched:
+                fields = _fields(completed.job, completed.duration_s)
+                log.debug("job %s done", completed.job.id, extra=fields)
+        if self.metrics is not None:
+            for completed in matched:
+                self.metrics.on_finished(completed.job, "done", completed.duration_s)
+        if len(matched) == len(batch):
+            return
         for completed in batch:
-            job = completed.job
-            fields = _fields(job, completed.duration_s)
-            matched = None if settled is None else job.id in settled
-            self._finish(job, "done", matched, completed.duration_s, fields)
+            if settled is None or completed.job.id not in settled:
+                job, duration_s = completed.job, completed.duration_s
+                matches = None if settled is None else False
+                self._finish(job, "done", matches, duration_s, _fields(job, duration_s))
 
     def _check_cancels(self) -> None:
         """Tell running handlers that were asked to stop (polled while jobs run)."""

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from memtree import (
     RETIRED_JOB_KINDS,
+    CorruptJobError,
     FailureClass,
     InvalidJobError,
+    Job,
     JobFailure,
     JobKind,
     JobStatus,
     NewJob,
+    store,
 )
 from memtree.payloads import (
     AppendBufferPayload,
@@ -158,3 +162,35 @@ def test_job_failure_constructors_and_text() -> None:
 def test_applications_may_use_their_own_kinds() -> None:
     job = NewJob("send_email", {"to": "a@example.com"})
     assert job.kind == "send_email" and job.dedupe_key is None
+
+
+def test_job_fields_are_the_table_columns_in_order() -> None:
+    # The claim builds a Job positionally from a row of every column (job_from_values).
+    assert tuple(field.name for field in dataclasses.fields(Job)) == store.JOB_COLUMNS
+
+
+def test_job_from_values_matches_job_from_row_and_rejects_an_unknown_status() -> None:
+    values = (
+        "j1",
+        "k",
+        "{}",
+        None,
+        "running",
+        1,
+        5,
+        10,
+        20,
+        None,
+        5,
+        10,
+        None,
+        None,
+        None,
+        "t",
+        None,
+    )
+    row = dict(zip(store.JOB_COLUMNS, values, strict=True))
+    assert store.job_from_values(values) == store.job_from_row(row)
+    assert store.job_from_values(values).status is JobStatus.RUNNING
+    with pytest.raises(CorruptJobError, match="unknown status 'sleeping'"):
+        store.job_from_values((*values[:4], "sleeping", *values[5:]))

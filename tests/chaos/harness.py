@@ -39,10 +39,11 @@ APP = "tests.chaos.chaos_app:handlers"
 LEASE_MS = 2000
 LEASE = "2s"
 KILL_EVERY_S = (0.5, 1.5)
-#: A restarted worker is a new interpreter: imports, connection, schema check, first claim.
-#: On a loaded 2-core machine that has taken up to ~2 s; 5 s leaves room without hiding
-#: a recovery that waits for the 30 s maintenance pass instead of the lease.
-RESTART_ALLOWANCE_MS = 5000
+#: A job left by a killed worker must be claimed again within its lease, plus half a
+#: lease (the surviving workers' recovery interval), plus this slack for a loaded 2-core
+#: machine (the long run's worst recovery was 2.8 s against this 6 s bound). A recovery
+#: that waited for the 30 s maintenance pass instead of the lease would fail it.
+RECOVERY_SLACK_MS = 3000
 
 
 def env_int(name: str, default: int) -> int:
@@ -513,7 +514,7 @@ def check_recoveries(pool: WorkerPool, orphans: list[Orphan], figures: Figures) 
         figures.max_recovery_s = round(max(recoveries), 3)
         figures.median_recovery_s = round(statistics.median(recoveries), 3)
         figures.extra["max_claimed_after_lease_end_s"] = round(max(past_lease), 3)
-        bound_s = (LEASE_MS + KILL_EVERY_S[1] * 1000 + RESTART_ALLOWANCE_MS) / 1000
+        bound_s = (LEASE_MS + LEASE_MS / 2 + RECOVERY_SLACK_MS) / 1000
         assert max(recoveries) <= bound_s, (
             f"a job left by a killed worker took {max(recoveries):.1f} s to recover "
             f"(bound {bound_s:.1f} s)"
