@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     BindParameter,
@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.sql.elements import ColumnElement
 
 from memtree.errors import UnsupportedDatabaseError
@@ -81,17 +82,21 @@ class Dialect:
         raise NotImplementedError
 
     def enqueue_one(self) -> Executable:
-        """One job in, returning its id when inserted (and notifying, where the database can)."""
-        return self.insert_unless_active_key().values(_insert_binds()).returning(jobs.c.id)
+        """One job in, unless its dedupe key is active (and a notification, where the
+        database can); :meth:`inserted` reads from its result which it was."""
+        return self.insert_unless_active_key().values(_insert_binds())
+
+    def inserted(self, result: Result[Any]) -> bool:
+        """Whether :meth:`enqueue_one` inserted its row."""
+        # A count, not a RETURNING row: fetching the row would cost more than the insert.
+        return cast(CursorResult[Any], result).rowcount == 1
 
     def enqueue_batch(self) -> Executable:
         """Many jobs in, returning the id of each row inserted (and notifying, where the
         database can); run once per batch with the parameters of :meth:`batch_params`."""
         return self.insert_unless_active_key().returning(jobs.c.id)
 
-    def batch_params(
-        self, rows: Sequence[dict[str, Any]]
-    ) -> list[dict[str, Any]] | dict[str, Any]:
+    def batch_params(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
         """The parameters of :meth:`enqueue_batch` for these rows, each a value per
         :data:`INSERT_COLUMNS`: here one parameter set per row, in order."""
         return list(rows)
@@ -99,6 +104,11 @@ class Dialect:
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         """An UPDATE that applies ``values`` to the rows ``picked`` selects, returning them."""
         raise NotImplementedError
+
+    def claim_only_commit(self) -> Executable | None:
+        """Run first in a transaction that only claims, to let its commit skip the wait for
+        the disk, where the database can (see :func:`memtree.store.relax_claim_commit`)."""
+        return None
 
     def holds_claims(self) -> ColumnElement[bool]:
         """True for a ``running`` row whose ``(id, lease_token)`` is one of the claims bound by
@@ -131,7 +141,7 @@ class SQLiteDialect(Dialect):
         # index; the unary + (SQLite's own idiom) takes that index out of the choice.
         pairs = func.json_each(bindparam("claims", type_=Text)).table_valued("value")
         return and_(
-            literal_column(f"+{jobs.name}.status") == literal_column("'running'"),
+            literal_column("+mem_tree_jobs.status") == literal_column("'running'"),
             tuple_(jobs.c.id, jobs.c.lease_token).in_(
                 select(
                     func.json_extract(pairs.c.value, literal_column("'$[0]'")),
@@ -154,6 +164,10 @@ class PostgresDialect(Dialect):
     def enqueue_one(self) -> Executable:
         return _notifying(self.insert_unless_active_key().values(_insert_binds()))
 
+    def inserted(self, result: Result[Any]) -> bool:
+        # The statement is a SELECT over the RETURNING rows: the row is the answer.
+        return result.first() is not None
+
     def enqueue_batch(self) -> Executable:
         # One array per column, unnested into rows: the text is the same for any number of
         # jobs, so the driver prepares it once, where a multi-row VALUES list would be a
@@ -170,9 +184,7 @@ class PostgresDialect(Dialect):
         insert = self.insert_unless_active_key().from_select(INSERT_COLUMNS, select(*batch.c))
         return _notifying(insert)
 
-    def batch_params(
-        self, rows: Sequence[dict[str, Any]]
-    ) -> list[dict[str, Any]] | dict[str, Any]:
+    def batch_params(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
         return {name: [row[name] for row in rows] for name in INSERT_COLUMNS}
 
     def insert_unless_active_key(self) -> Insert:

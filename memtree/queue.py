@@ -247,6 +247,7 @@ class Queue:
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         wanted = _kinds(kinds)
         with self.transaction() as conn:
+            store.relax_claim_commit(conn)
             return store.claim(
                 conn,
                 now_ms=self.now_ms(),
@@ -296,6 +297,8 @@ class Queue:
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         batches: list[list[Job]] = []
         with self.transaction() as conn:
+            if not done:
+                store.relax_claim_commit(conn)
             now = self.now_ms()
             settled = (
                 settle.mark_done_many(

@@ -83,6 +83,7 @@ __all__ = [
     "next_due_ms",
     "prune",
     "purge_retired_jobs",
+    "relax_claim_commit",
     "rowcount",
     "saturating",
     "translate_errors",
@@ -163,7 +164,6 @@ def _checked(job: object) -> NewJob:
 
 @cache
 def _enqueue_one_statement(dialect_name: str) -> Any:
-    # RETURNING, not rowcount: drivers disagree on the rowcount of a skipped insert.
     return dialect_for(dialect_name).enqueue_one()
 
 
@@ -182,8 +182,9 @@ def enqueue(
     """Insert one ``ready`` job; None when its dedupe key is already active."""
     job = _checked(job)
     params = _insert_params(job, now_ms, default_max_attempts)
-    inserted = executor.execute(_enqueue_one_statement(dialect_of(executor).name), params).first()
-    return None if inserted is None else str(inserted[0])
+    dialect = dialect_of(executor)
+    result = executor.execute(_enqueue_one_statement(dialect.name), params)
+    return params["id"] if dialect.inserted(result) else None
 
 
 async def enqueue_async(
@@ -199,9 +200,9 @@ async def enqueue_async(
     job = _checked(job)
     bind = executor.get_bind() if isinstance(executor, AsyncSession) else executor
     params = _insert_params(job, now_ms, default_max_attempts)
-    result = await executor.execute(_enqueue_one_statement(bind.dialect.name), params)
-    inserted = result.first()
-    return None if inserted is None else str(inserted[0])
+    dialect = dialect_for(bind.dialect.name)
+    result = await executor.execute(_enqueue_one_statement(dialect.name), params)
+    return params["id"] if dialect.inserted(result) else None
 
 
 def enqueue_many(
@@ -336,6 +337,19 @@ def claim(
     rest = len(order)
     claimed.sort(key=lambda job: (order.get(job.kind, rest), job.available_at_ms, job.id))
     return claimed
+
+
+def relax_claim_commit(executor: Executor) -> None:
+    """Let this transaction's commit return before its WAL reaches the disk (PostgreSQL's
+    ``synchronous_commit = off``, for this transaction only). Only for a transaction that
+    does nothing but claim: losing such a commit in a crash only leaves the jobs ready,
+    and any later commit that settles them flushes the WAL up to and past the claim
+    first, so no settled job can lose its claim. A claim then costs a round trip, not a
+    round trip and a disk flush. SQLite needs nothing here: memtree's ``synchronous =
+    NORMAL`` in WAL mode already flushes at checkpoints, not at commits."""
+    statement = dialect_of(executor).claim_only_commit()
+    if statement is not None:
+        executor.execute(statement)
 
 
 def saturating(value: int) -> int:

@@ -222,13 +222,17 @@ def check_kind(kind: object) -> str:
     return text
 
 
+#: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
+_PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_payload(payload: object) -> str:
     """Serialise a payload to the ``payload_json`` text, or :class:`InvalidJobError`."""
     from memtree.payloads import Payload
 
     value = payload.to_wire() if isinstance(payload, Payload) else payload
     try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = _PAYLOAD_ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"payload is not JSON-serialisable: {exc}") from None
     except RecursionError:

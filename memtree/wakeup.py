@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from memtree.dialects import NOTIFY_CHANNEL
+from memtree.models import MemTreeJob
 
 __all__ = ["Listener", "after_commit", "signal", "subscribe", "unsubscribe"]
 
@@ -42,8 +43,13 @@ def subscribe(engine: Engine, wake: threading.Event) -> None:
 
 
 def unsubscribe(engine: Engine, wake: threading.Event) -> None:
+    key = _key(engine)
     with _lock:
-        _events[_key(engine)].discard(wake)
+        waiting = _events.get(key)
+        if waiting is not None:
+            waiting.discard(wake)
+            if not waiting:
+                del _events[key]  # so a process with no worker skips even the lookup
 
 
 def signal(engine: Engine) -> None:
@@ -56,23 +62,56 @@ def signal(engine: Engine) -> None:
 
 def after_commit(executor: Session | Connection) -> None:
     """Wake this process's workers once the caller's transaction commits (never on rollback)."""
+    if not _events:
+        return  # no worker in this process: nothing to wake, nothing to pay for
     if isinstance(executor, Session):
-        engine = executor.get_bind()
-        target: Any = executor
-        name = "after_commit"
-    else:
-        engine = executor.engine
-        target = executor
-        name = "commit"
-    if isinstance(engine, Connection):
-        engine = engine.engine
+        bind: Engine | Connection = executor.get_bind(MemTreeJob)
+        engine = bind.engine if isinstance(bind, Connection) else bind
+        if _events.get(_key(engine)):
+            _watch_sessions()
+            executor.info[_WAKE_ON_COMMIT] = engine
+        return
+    engine = executor.engine
     if not _events.get(_key(engine)):
-        return  # nobody in this process is waiting: don't pay for a listener
+        return
 
     def _fire(*_: Any) -> None:
         signal(engine)
 
-    event.listen(target, name, _fire, once=True)
+    event.listen(executor, "commit", _fire, once=True)
+
+
+#: ``Session.info`` key: the engine whose workers this session's next commit wakes.
+_WAKE_ON_COMMIT = "memtree.wake_on_commit"
+_sessions_watched = False
+
+
+def _watch_sessions() -> None:
+    """Listen on every ``Session`` once, instead of on each session that enqueues: a
+    listener on one session object costs more than the enqueue itself."""
+    global _sessions_watched
+    if _sessions_watched:
+        return
+    with _lock:
+        if not _sessions_watched:
+            event.listen(Session, "after_commit", _on_session_commit)
+            event.listen(Session, "after_transaction_end", _on_session_transaction_end)
+            _sessions_watched = True
+
+
+def _on_session_commit(session: Session) -> None:
+    # Releasing a savepoint commits nothing yet: the outer transaction may still roll back.
+    if session.in_nested_transaction():
+        return
+    engine = session.info.pop(_WAKE_ON_COMMIT, None)
+    if engine is not None:
+        signal(engine)
+
+
+def _on_session_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    # The outermost transaction ended without a commit (a commit popped the key first).
+    if transaction.parent is None:
+        session.info.pop(_WAKE_ON_COMMIT, None)
 
 
 class Listener:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from memtree import settle, tracing, wakeup
+from memtree import settle, store, tracing, wakeup
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
@@ -255,6 +256,15 @@ class _Completed:
     job: Job
     followups: list[NewJob]
     duration_s: float
+
+
+@dataclass(slots=True)
+class _Chain:
+    """What a finishing job hands its thread: the job it claimed to run next, if any,
+    and the gate permits held while it claimed."""
+
+    follower: _Running | None = None
+    reserved: list[Gate] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -563,12 +573,11 @@ class Worker:
         self._tasks.put(entry)
 
     def _serve(self) -> None:
-        while True:
-            entry = self._tasks.get()
-            if entry is None:
-                return
+        entry = self._tasks.get()
+        while entry is not None:
+            chain = _Chain()
             try:
-                completed = self._execute(entry)
+                completed = self._execute(entry, chain)
             except Exception:  # never lose a handler thread
                 log.exception("memtree worker failed to settle job %s", entry.job.id)
                 completed = None
@@ -576,27 +585,38 @@ class Worker:
                 self._running.pop(entry.job.id, None)
                 if entry.gate is not None:
                     self._gate_busy[entry.gate.name] -= 1
+                for gate in chain.reserved:
+                    self._gate_busy[gate.name] -= 1
+                follower = chain.follower
+                if follower is not None:
+                    self._running[follower.job.id] = follower
+                    if follower.gate is not None:
+                        self._gate_busy[follower.gate.name] += 1
                 if completed is not None:
                     if not self._completed:
                         self._completed_since = time.monotonic()
                     self._completed.append(completed)
                 # Wake the loop only when it has something to do: a gate permit or the
                 # claim threshold freed, the last job finished, the first completion to
-                # settle (it arms the flush timer), or a run the handler thread settled.
-                # Waking it for every job of a fast kind costs more than the jobs.
+                # settle (it arms the flush timer), or a run the handler thread settled
+                # without claiming its successor. Waking it for every job of a fast kind
+                # costs more than the jobs.
                 wake = (
-                    completed is None
-                    or entry.gate is not None
+                    (completed is None and follower is None)
+                    or (entry.gate is not None and follower is None)
                     or not self._running
                     or len(self._completed) == 1
                     or self.concurrency - len(self._running) == self._claim_batch
                 )
             if wake:
                 self._wake.set()
+            entry = follower if follower is not None else self._tasks.get()
 
-    def _execute(self, entry: _Running) -> _Completed | None:
+    def _execute(self, entry: _Running, chain: _Chain) -> _Completed | None:
         """Run one job; a plain success is returned for the loop to settle in a batch,
-        every other outcome is settled here (``None``)."""
+        every other outcome is settled here (``None``). A success settled in the
+        handler's session may claim this thread's next job in the same transaction
+        (``chain``)."""
         job, ctx = entry.job, entry.context
         outcome: object
         with tracing.span(f"memtree.job {job.kind}", _span_attributes(job), record=entry.traced):
@@ -614,7 +634,7 @@ class Worker:
             return _Completed(job, ctx._followups, duration_s)
         fields = _fields(job, duration_s)
         if outcome is None:
-            self._finish(job, "done", self._commit(ctx, fields), duration_s, fields)
+            self._finish(job, "done", self._commit(entry, fields, chain), duration_s, fields)
             return None
         ctx._close(commit=False)
         if isinstance(outcome, Defer):
@@ -633,18 +653,28 @@ class Worker:
         self._finish(job, "failed", settled, duration_s, fields)
         return None
 
-    def _commit(self, ctx: JobContext, fields: dict[str, Any]) -> bool | None:
+    def _commit(self, entry: _Running, fields: dict[str, Any], chain: _Chain) -> bool | None:
         """Settle ``done`` in the handler's own session: its writes, follow-ups and the
-        completion commit together, or (lease lost, cancel requested) not at all."""
+        completion commit together, or (lease lost, cancel requested) not at all.
+
+        The same transaction claims this thread's next job (see :meth:`_chain_kinds`), so
+        a worker of transactional handlers pays one transaction per job, not a claim
+        transaction and a completion transaction."""
+        ctx = entry.context
         job = ctx.job
         try:
+            now_ms = self.queue.now_ms()
+            # The session's own connection and transaction, without the ORM's execution
+            # path around each statement; the handler's pending objects flush at commit.
+            conn = ctx.session.connection()
             settled = settle.mark_done(
-                ctx.session,
+                conn,
                 job,
                 ctx._followups,
-                now_ms=self.queue.now_ms(),
+                now_ms=now_ms,
                 default_max_attempts=self.queue.max_attempts,
             )
+            follower = self._claim_follower(conn, entry, chain, now_ms) if settled else None
             ctx._close(commit=settled)
         except Exception as exc:
             # The transaction is gone with the handler's writes: run the job again later.
@@ -660,9 +690,50 @@ class Worker:
             failure = exc
             self._retrying(lambda: self.queue.mark_failed(job, failure))
             return None
+        chain.follower = follower
+        if follower is not None and self.metrics is not None:
+            self.metrics.on_claimed(follower.job, now_ms)
         if settled and ctx._followups:
             wakeup.signal(self.queue.engine)
         return settled
+
+    def _claim_follower(
+        self, conn: Connection, entry: _Running, chain: _Chain, now_ms: int
+    ) -> _Running | None:
+        """Claim, in the finishing job's session, the job its thread runs next.
+
+        Only kinds this worker could claim anyway: the ungated ones, and those of each
+        gate with a permit free (the finishing job's own permit counts as free). A permit
+        of every other such gate is held for the moment of the claim (``chain.reserved``,
+        given back by :meth:`_serve`), so the loop cannot hand it out twice."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            kinds: list[str] = []
+            for gate, group in self._groups:
+                if gate is not None and gate is not entry.gate:
+                    if self._gate_busy[gate.name] >= gate.limit:
+                        continue
+                    self._gate_busy[gate.name] += 1
+                    chain.reserved.append(gate)
+                kinds.extend(group)
+        claimed = store.claim(
+            conn,
+            now_ms=now_ms,
+            limit=1,
+            lock_duration_ms=self.lock_duration_ms,
+            claim_order=self.queue.claim_order,
+            kinds=tuple(kinds),
+        )
+        if not claimed:
+            return None
+        job = claimed[0]
+        return _Running(
+            job,
+            JobContext(job, self.queue, self._session_factory),
+            self._gate_of.get(job.kind),
+            entry.traced,
+        )
 
     def _finish(
         self,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import memtree
-from memtree import JobStatus, NewJob, Queue
+from memtree import DatabaseError, JobStatus, NewJob, Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +85,25 @@ def test_threads_claiming_at_once_never_share_a_job(wall_queue: Queue) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert len(seen) == 400 and len(set(seen)) == 400
+
+
+def test_a_sqlite_transaction_holds_the_write_lock_from_its_begin(db_url: str) -> None:
+    """BEGIN IMMEDIATE: a transaction that reads first cannot fail when it then writes,
+    and one that cannot get the lock within the busy timeout fails as memtree's error."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's write lock")
+    path = db_url.removeprefix("sqlite:///")
+    engine = memtree.create_engine(db_url, sqlite_busy_timeout_ms=50)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT 1")).scalar()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(DatabaseError, match="locked"), Queue(engine).transaction():
+            pass
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        engine.dispose()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-from sqlalchemy import text
+import dataclasses
+import json
 
+import psycopg
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.orm import Session
+
+import memtree
 from memtree import (
     DEFAULT_LOCK_DURATION_MS,
     RETRY_CAP_MS,
@@ -168,6 +174,85 @@ def test_enqueue_many_spans_insert_chunks(queue: Queue) -> None:
     assert sum(1 for job_id in ids if job_id) == 900
     assert ids[899] is not None and ids[900] is None
     assert queue.count_total() == 900
+
+
+def test_enqueue_many_returns_each_jobs_own_id_at_its_position(queue: Queue) -> None:
+    """Rows go in sorted by dedupe key; each id still comes back where its job was."""
+    keys = ["m", None, "c", "x", None, "a"]
+    ids = queue.enqueue_many([NewJob("k", {"n": n}, dedupe_key=key) for n, key in enumerate(keys)])
+    for n, (job_id, key) in enumerate(zip(ids, keys, strict=True)):
+        job = queue.get_job(job_id or "")
+        assert job is not None
+        assert (json.loads(job.payload_json), job.dedupe_key) == ({"n": n}, key)
+
+
+def test_enqueue_many_suppresses_only_keys_of_ready_or_running_jobs(queue: Queue) -> None:
+    queue.enqueue(NewJob("k", dedupe_key="running"))
+    assert queue.claim_next() is not None
+    queue.enqueue(NewJob("k", dedupe_key="done"))
+    done = queue.claim_next()
+    assert done is not None and queue.mark_done(done)
+    queue.enqueue(NewJob("k", dedupe_key="ready"))
+    ids = queue.enqueue_many(
+        [NewJob("k", dedupe_key=key) for key in ("ready", "running", "done", "new")]
+    )
+    assert [job_id is None for job_id in ids] == [True, True, False, False]
+    assert queue.count_total() == 5
+
+
+def test_enqueue_many_stores_the_rows_enqueue_stores(queue: Queue, clock: FakeClock) -> None:
+    def job(key: str, n: int) -> NewJob:
+        if n == 0:
+            return NewJob("k", {"a": [1, "x"]}, dedupe_key=key)
+        return NewJob("k2", None, dedupe_key=key, available_at_ms=clock.now_ms + 5, max_attempts=3)
+
+    def stored(job_id: str | None) -> dict[str, object]:
+        found = queue.get_job(job_id or "")
+        assert found is not None
+        return {**dataclasses.asdict(found), "id": None, "dedupe_key": None}
+
+    singles = [queue.enqueue(job(f"single{n}", n)) for n in range(2)]
+    batch = queue.enqueue_many([job(f"batch{n}", n) for n in range(2)])
+    assert [stored(i) for i in batch] == [stored(i) for i in singles]
+
+
+@pytest.mark.parametrize(
+    "text_value",
+    ["NULL", "null", 'a,"b"', "{braces}", "back\\slash", " spaced ", "ünï ✓ 🙂", "'; --"],
+)
+def test_enqueue_many_keeps_text_exactly(queue: Queue, text_value: str) -> None:
+    """Kinds, keys and payloads arrive as given, whatever a batch is encoded as."""
+    ids = queue.enqueue_many(
+        [NewJob(text_value, {"s": text_value}, dedupe_key=text_value), NewJob("plain")]
+    )
+    job = queue.get_job(ids[0] or "")
+    assert job is not None
+    assert (job.kind, job.dedupe_key) == (text_value, text_value)
+    assert json.loads(job.payload_json) == {"s": text_value}
+    other = queue.get_job(ids[1] or "")
+    assert other is not None and other.dedupe_key is None
+    assert queue.enqueue_many([NewJob("k", dedupe_key=text_value)]) == [None]
+
+
+def test_enqueue_many_notifies_each_kind_it_inserted_when_it_commits(
+    queue: Queue, db_url: str
+) -> None:
+    if queue.engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    queue.enqueue(NewJob("suppressed", dedupe_key="held"))
+    libpq = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as listener:
+        listener.execute("LISTEN memtree_jobs")
+        with Session(queue.engine) as session:
+            memtree.enqueue_many(session, [NewJob("rolled_back")])
+            session.rollback()
+        queue.enqueue_many(
+            [NewJob("suppressed", dedupe_key="held"), NewJob("a"), NewJob("b"), NewJob("a")]
+        )
+        queue.enqueue(NewJob("marker"))  # delivered after everything committed before it
+        got = [n.payload for n in listener.notifies(timeout=30, stop_after=3)]
+    assert sorted(got[:2]) == ["a", "b"], "one per kind inserted, none rolled back or suppressed"
+    assert got[2:] == ["marker"]
 
 
 def test_enqueue_many_of_nothing_is_empty(queue: Queue) -> None:

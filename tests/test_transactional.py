@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import pytest
 import sqlalchemy
 from sqlalchemy import Engine, String, select
@@ -9,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import memtree
-from memtree import JobStatus, NewJob, Queue
+from memtree import JobStatus, NewJob, Queue, wakeup
 
 
 class Base(DeclarativeBase):
@@ -141,3 +144,66 @@ async def test_enqueue_async_commits_and_rolls_back_with_the_async_session(
     stored = app_queue.get_job(job_id or "")
     assert stored is not None and stored.payload == {"n": 2}
     assert app_queue.count_total() == 2
+
+
+# -- waking this process's workers ----------------------------------------------------------
+
+
+@pytest.fixture
+def woken(app_queue: Queue, engine: Engine) -> Iterator[threading.Event]:
+    """What an idle worker of this process waits on."""
+    wake = threading.Event()
+    wakeup.subscribe(engine, wake)
+    try:
+        yield wake
+    finally:
+        wakeup.unsubscribe(engine, wake)
+
+
+def test_an_enqueue_wakes_workers_when_its_session_commits_not_before(
+    engine: Engine, woken: threading.Event
+) -> None:
+    with Session(engine) as session, session.begin():
+        memtree.enqueue(session, NewJob("k"))
+        assert not woken.is_set()
+    assert woken.is_set()
+
+
+def test_an_enqueue_many_wakes_workers_when_its_session_commits_not_before(
+    engine: Engine, woken: threading.Event
+) -> None:
+    with Session(engine) as session, session.begin():
+        memtree.enqueue_many(session, [NewJob("k"), NewJob("k")])
+        assert not woken.is_set()
+    assert woken.is_set()
+
+
+def test_a_rolled_back_enqueue_wakes_no_worker_even_at_the_sessions_next_commit(
+    engine: Engine, woken: threading.Event
+) -> None:
+    with Session(engine) as session:
+        memtree.enqueue(session, NewJob("k"))
+        session.rollback()
+        session.add(Order(note="later"))
+        session.commit()
+    assert not woken.is_set()
+
+
+def test_an_enqueue_in_a_released_savepoint_wakes_workers_at_the_outer_commit(
+    engine: Engine, woken: threading.Event
+) -> None:
+    with Session(engine) as session, session.begin():
+        with session.begin_nested():
+            memtree.enqueue(session, NewJob("k"))
+        assert not woken.is_set(), "a released savepoint has committed nothing yet"
+    assert woken.is_set()
+
+
+def test_a_suppressed_enqueue_wakes_no_worker(
+    app_queue: Queue, engine: Engine, woken: threading.Event
+) -> None:
+    app_queue.enqueue(NewJob("k", dedupe_key="held"))
+    woken.clear()
+    with Session(engine) as session, session.begin():
+        assert memtree.enqueue(session, NewJob("k", dedupe_key="held")) is None
+    assert not woken.is_set()

@@ -15,8 +15,9 @@ once its row is flushed inside the job's transaction, and the outcome it returns
 - ``write-first``: every run writes its row first and then works, so its transaction is
   open while it works (a dropped connection then hits a transaction in flight).
 - ``flaky``: deterministic by job id and attempt, 20% of jobs fail their first attempt
-  (a transient error) and 10% defer themselves for 100-280 ms until 1.5 s after they
-  were created; so every job converges.
+  (a transient error) and 10% defer themselves for 100-280 ms until 1.5 s after a worker
+  process first ran them (not after they were created: on a loaded machine a job can
+  wait longer than that for its first claim); so every job converges.
 
 Kind ``hang`` (any mode) sleeps ``payload["hang_s"]`` seconds on the attempts listed in
 ``payload["hang_attempts"]`` before writing its row: longer than its lease, to test the
@@ -106,6 +107,9 @@ def write_effect(ctx: JobContext, outcome: str) -> None:
     record("wrote", ctx, outcome=outcome)
 
 
+#: When this process first ran each job (the deferral window starts there).
+_first_run_ms: dict[str, int] = {}
+
 handlers = Handlers()
 
 
@@ -122,7 +126,7 @@ def chaos(ctx: JobContext) -> Defer | None:
         write_effect(ctx, "failed")  # rolled back with the failure
         record("fail", ctx)
         raise RuntimeError(f"chaos: transient failure of {ctx.job.id} on its first attempt")
-    deadline = ctx.job.created_at_ms + DEFER_WINDOW_MS
+    deadline = _first_run_ms.setdefault(ctx.job.id, ctx.now_ms()) + DEFER_WINDOW_MS
     if (
         MODE == "flaky"
         and FAIL_PERCENT <= share < FAIL_PERCENT + DEFER_PERCENT
