@@ -7,6 +7,7 @@ where the fallback it proves unnecessary would take half a minute.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import subprocess
@@ -170,6 +171,130 @@ def test_domain_writes_and_followups_commit_with_completion(app: Queue, engine: 
     assert effects(engine) == [job_id]
     assert status_of(app, job_id) is JobStatus.DONE
     assert app.count_by_status(JobStatus.READY) == 1
+
+
+def test_a_transactional_completion_claims_the_threads_next_job_in_its_transaction(
+    queue: Queue, engine: Engine
+) -> None:
+    # On a fake clock that never moves, settle and claim in one transaction share one
+    # "now": each job after the first started exactly when the one before it completed,
+    # and no job was claimed by a transaction of its own.
+    Base.metadata.create_all(engine)
+    order: list[str] = []
+    handlers = Handlers()
+
+    @handlers.register("write")
+    def write(ctx: JobContext) -> None:
+        order.append(ctx.job.id)
+        ctx.session.add(Effect(job_id=ctx.job.id))
+
+    ids = [queue.enqueue(NewJob("write", i)) for i in range(4)]
+    claims = [0]
+    real_claim = Queue.complete_and_claim
+
+    def counting(self: Queue, *args: object, **kwargs: object) -> object:
+        result = real_claim(self, *args, **kwargs)  # type: ignore[arg-type]
+        claims[0] += sum(len(batch) for batch in result[1])
+        return result
+
+    worker = Worker(queue, handlers, concurrency=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Queue, "complete_and_claim", counting)
+        assert worker.run_until_idle() == 4
+    assert claims[0] == 1, "only the first job was claimed by the loop"
+    assert sorted(effects(engine)) == sorted(order) and len(order) == 4
+    jobs = {job_id: queue.get_job(job_id or "") for job_id in ids}
+    for before, after in itertools.pairwise(order):
+        done, next_job = jobs[before], jobs[after]
+        assert done is not None and next_job is not None
+        assert done.status is JobStatus.DONE and next_job.attempts == 1
+        assert next_job.started_at_ms == done.completed_at_ms
+
+
+def test_a_completion_that_fails_to_commit_rolls_back_the_claim_of_the_next_job(
+    app: Queue, engine: Engine
+) -> None:
+    # The first run of "clash" writes a duplicate primary key, which fails at commit
+    # time: its settle and the claim of the next job go with it, and both jobs still
+    # end done (the clashing one on its retry), none left running.
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        session.add(Effect(id=1, job_id="already there"))
+    handlers = Handlers()
+    runs: list[tuple[str, int]] = []
+
+    @handlers.register("clash")
+    def clash(ctx: JobContext) -> None:
+        runs.append((ctx.job.kind, ctx.job.attempts))
+        if ctx.job.attempts == 1:
+            ctx.session.add(Effect(id=1, job_id=ctx.job.id))  # flushed by the commit
+        else:
+            ctx.session.add(Effect(job_id=ctx.job.id))
+
+    @handlers.register("next")
+    def next_job(ctx: JobContext) -> None:
+        runs.append((ctx.job.kind, ctx.job.attempts))
+        ctx.session.add(Effect(job_id=ctx.job.id))
+
+    queue = Queue(engine, retry_base_ms=1)
+    clash_id = queue.enqueue(NewJob("clash"))
+    next_id = queue.enqueue(NewJob("next", available_at_ms=queue.now_ms() + 1))
+    worker = Worker(queue, handlers, concurrency=1)
+    deadline = time.monotonic() + 30
+    while queue.count_by_status(JobStatus.DONE) < 2 and time.monotonic() < deadline:
+        worker.run_until_idle()
+        time.sleep(0.05)
+    assert status_of(app, clash_id) is JobStatus.DONE
+    assert status_of(app, next_id) is JobStatus.DONE
+    assert app.count_by_status(JobStatus.RUNNING) == 0
+    assert ("next", 1) in runs, "the rolled-back claim of the next job cost it no attempt"
+    assert set(effects(engine)) == {"already there", clash_id, next_id}
+
+
+def test_chained_claims_keep_gates_and_stop_with_the_worker(app: Queue, engine: Engine) -> None:
+    # Transactional handlers of a gated kind and an ungated one: a finishing job may
+    # claim its successor, but never a second job of a full gate.
+    Base.metadata.create_all(engine)
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    handlers = Handlers()
+
+    def tracked(ctx: JobContext) -> None:
+        gated = ctx.job.kind == "llm_call"
+        if gated:
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        if gated:
+            with lock:
+                active[0] -= 1
+
+    handlers.register("llm_call")(tracked)
+    handlers.register("cheap")(tracked)
+    app.enqueue_many([NewJob(kind, i) for i in range(8) for kind in ("llm_call", "cheap")])
+    worker = Worker(app, handlers, concurrency=4, gates=[Gate("llm", 1, ("llm_call",))])
+    assert worker.run_until_idle() == 16
+    assert peak[0] == 1, "a chained claim let two gated jobs run at once"
+    assert len(effects(engine)) == 16
+
+    first = threading.Event()
+
+    def stop_here(ctx: JobContext) -> None:
+        stopping.stop()
+        ctx.session.add(Effect(job_id=ctx.job.id))
+        first.set()
+
+    stopping = Worker(app, {"stop_here": stop_here, "cheap": tracked}, concurrency=1)
+    now = app.now_ms()
+    app.enqueue_many(
+        [NewJob("stop_here", 1, available_at_ms=now - 2), NewJob("cheap", 99, available_at_ms=now)]
+    )
+    stopping.run(install_signal_handlers=False)
+    assert first.is_set()
+    assert app.count_by_status(JobStatus.READY) == 1, "a stopping worker claimed no successor"
+    assert app.count_by_status(JobStatus.RUNNING) == 0
 
 
 def test_raising_or_deferring_rolls_back_the_handlers_writes(app: Queue, engine: Engine) -> None:
