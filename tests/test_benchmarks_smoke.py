@@ -165,3 +165,28 @@ def test_every_ratio_was_computed(smoke: dict[str, Any]) -> None:
     )
     if installed:
         assert missing == []
+
+
+def test_the_sqlite_decomposition_measures_every_step(tmp_path: Path) -> None:
+    """``python -m benchmarks.decompose`` at a tiny size: every step ran and did work."""
+    out = tmp_path / "decompose.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.decompose",
+        "--jobs",
+        "600",
+        "--transactions",
+        "100",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    rows = json.loads(out.read_text())
+    assert [row["step"].split(".")[0] for row in rows] == [str(n) for n in range(1, 11)]
+    assert {row["group"] for row in rows} == {"no-op drain", "commit per job", "single enqueue"}
+    for row in rows:
+        assert row["us_per_job"] > 0, row
