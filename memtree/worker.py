@@ -603,7 +603,10 @@ class Worker:
                 # costs more than the jobs.
                 wake = (
                     (completed is None and follower is None)
-                    or (entry.gate is not None and follower is None)
+                    or (
+                        entry.gate is not None
+                        and (follower is None or follower.gate is not entry.gate)
+                    )
                     or not self._running
                     or len(self._completed) == 1
                     or self.concurrency - len(self._running) == self._claim_batch
