@@ -339,7 +339,7 @@ def mark_done_many(
     matched: set[tuple[str, str | None]] = set()
     if any(job.lease_token is not None for job, _ in done):
         result = _run_held(executor, "done", [job for job, _ in done], {"now": now_ms})
-        matched.update((row[0], row[1]) for row in result)
+        matched.update((row[0], row[1]) for row in result.all())
     # Jobs the original crate claimed carry no token: fence them one by one.
     for job, _ in done:
         if job.lease_token is None and mark_done(executor, job, (), now_ms=now_ms):

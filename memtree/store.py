@@ -331,7 +331,7 @@ def claim(
         "token": uuid.uuid4().hex,
         "limit": limit,
     }
-    claimed = [job_from_values(row) for row in executor.execute(statement, params)]
+    claimed = [job_from_values(row) for row in executor.execute(statement, params).all()]
     # RETURNING keeps no order: put the claim order and due order back.
     order = {kind: index for index, kind in enumerate(claim_order)}
     rest = len(order)
