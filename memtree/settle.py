@@ -280,6 +280,19 @@ def cancel(executor: Executor, job_id: str, *, now_ms: int) -> CancelOutcome | N
     return None if found is None else CancelOutcome.FINISHED
 
 
+_CANCELLING = jobs.c.cancel_requested_at_ms.is_not(None)
+#: A released run: ``ready`` again with its attempt given back, or ``cancelled`` at
+#: ``:now`` if someone asked it to stop meanwhile.
+_RELEASED: dict[str, Any] = {
+    "status": case((_CANCELLING, CANCELLED), else_=READY),
+    "attempts": case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+    "locked_until_ms": NULL,
+    "started_at_ms": NULL,
+    "completed_at_ms": case((_CANCELLING, bindparam("now")), else_=NULL),
+    "lease_token": NULL,
+}
+
+
 def _claims(held: Sequence[Job]) -> list[tuple[str, str]]:
     return [(job.id, job.lease_token) for job in held if job.lease_token is not None]
 
@@ -288,7 +301,6 @@ def _claims(held: Sequence[Job]) -> list[tuple[str, str]]:
 def _held_statements(dialect_name: str) -> dict[str, Update]:
     """The batched settles, fenced to each row's own claim, built once per database."""
     held = dialect_for(dialect_name).holds_claims()
-    cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
     return {
         "done": update(jobs)
         .where(held)
@@ -304,16 +316,7 @@ def _held_statements(dialect_name: str) -> dict[str, Update]:
         .where(held)
         .values(locked_until_ms=bindparam("until"))
         .returning(jobs.c.id),
-        "release": update(jobs)
-        .where(held)
-        .values(
-            status=case((cancelling, CANCELLED), else_=READY),
-            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
-            locked_until_ms=NULL,
-            started_at_ms=NULL,
-            completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
-            lease_token=NULL,
-        ),
+        "release": update(jobs).where(held).values(_RELEASED),
     }
 
 
@@ -466,19 +469,7 @@ def release_running_locks(
         if not any(job.lease_token is not None for job in held):
             return 0
         return store.rowcount(_run_held(executor, "release", held, {"now": now_ms}))
-    cancelling = jobs.c.cancel_requested_at_ms.is_not(None)
-    statement = (
-        update(jobs)
-        .where(jobs.c.status == RUNNING)
-        .values(
-            status=case((cancelling, CANCELLED), else_=READY),
-            attempts=case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
-            locked_until_ms=NULL,
-            started_at_ms=NULL,
-            completed_at_ms=case((cancelling, bindparam("now")), else_=NULL),
-            lease_token=NULL,
-        )
-    )
+    statement = update(jobs).where(jobs.c.status == RUNNING).values(_RELEASED)
     return store.rowcount(executor.execute(statement, {"now": now_ms}))
 
 
