@@ -476,7 +476,9 @@ class Worker:
         While handlers run, the worker waits until a quarter of its slots are free, so a
         busy worker claims in batches instead of one job per statement; an idle one claims
         at once, however few slots it has. A full gate has no cap left: its kinds are not
-        claimed, and nothing spins.
+        claimed, and nothing spins. A gate's cap is held (counted busy) until
+        :meth:`_release_plan`, so a handler thread claiming its successor meanwhile cannot
+        take the same permits.
         """
         with self._lock:
             running = len(self._running)
@@ -488,7 +490,16 @@ class Worker:
                 cap = free if gate is None else gate.limit - self._gate_busy[gate.name]
                 if cap > 0:
                     plan.append((gate, cap, kinds))
+                    if gate is not None:
+                        self._gate_busy[gate.name] += cap
         return free, plan
+
+    def _release_plan(self, plan: list[tuple[Gate | None, int, tuple[str, ...]]]) -> None:
+        """Give back the gate caps :meth:`_claim_plan` held (claimed jobs hold their own)."""
+        with self._lock:
+            for gate, cap, _ in plan:
+                if gate is not None:
+                    self._gate_busy[gate.name] -= cap
 
     def _exchange(self) -> int:
         """Settle finished jobs and claim new ones in one transaction; how many were claimed."""
@@ -502,6 +513,17 @@ class Worker:
                 or self._stopping.is_set()
             )
             taken, self._completed = (self._completed, []) if flush else ([], self._completed)
+        try:
+            return self._settle_and_claim(limit, plan, taken)
+        finally:
+            self._release_plan(plan)
+
+    def _settle_and_claim(
+        self,
+        limit: int,
+        plan: list[tuple[Gate | None, int, tuple[str, ...]]],
+        taken: list[_Completed],
+    ) -> int:
         if not plan and not taken:
             return 0
         result = self._guarded(
