@@ -153,22 +153,23 @@ def enqueue_batched(target: Target, count: int, batch: int) -> float:
 # -- claim cost (backlog) ------------------------------------------------------------------
 
 
-def claim_costs(target: Target, claims: int, batch: int, warmup: int = 5) -> list[float]:
-    """Seconds per raw claim statement (its own transaction), each claiming a full batch."""
-    costs: list[float] = []
-    claim = _claimer(target)
-    try:
-        for i in range(warmup + claims):
-            start = time.perf_counter()
-            rows = claim.claim(KIND, batch)
-            elapsed = time.perf_counter() - start
-            if len(rows) != batch:
-                raise RuntimeError(f"floor claim {i} returned {len(rows)} rows, not {batch}")
-            if i >= warmup:
-                costs.append(elapsed)
-    finally:
-        claim.close()
-    return costs
+class Claimer:
+    """The raw claim statement of a full batch, in a transaction of its own, timed."""
+
+    def __init__(self, target: Target) -> None:
+        self._claimer = _Claimer(target)
+
+    def claim(self, batch: int) -> float:
+        """Seconds for one claim of ``batch`` rows (which must all be there)."""
+        start = time.perf_counter()
+        rows = self._claimer.claim(KIND, batch)
+        elapsed = time.perf_counter() - start
+        if len(rows) != batch:
+            raise RuntimeError(f"a floor claim returned {len(rows)} rows, not {batch}")
+        return elapsed
+
+    def close(self) -> None:
+        self._claimer.close()
 
 
 class _Claimer:
@@ -253,14 +254,10 @@ class _Claimer:
         return count
 
 
-def _claimer(target: Target) -> _Claimer:
-    return _Claimer(target)
-
-
 def drain_child(spec: dict[str, Any]) -> None:
     """Drain with the driver alone: claim a batch, run each job, settle the batch."""
     target = Target(spec["backend"], spec["url"])
-    claimer = _claimer(target)
+    claimer = _Claimer(target)
     transactional = spec["transactional"]
     kind = TX_KIND if transactional else KIND
     batch = spec["batch"]

@@ -69,25 +69,25 @@ def enqueue_batched(target: Target, count: int, batch: int) -> float:
 # -- claim cost (backlog workload, in the harness process) ---------------------------------
 
 
-def claim_costs(
-    target: Target, claims: int, batch: int, *, kinds: list[str] | None, warmup: int = 5
-) -> list[float]:
-    """Seconds per ``queue.claim_batch(batch)`` call, each call claiming a full batch."""
-    engine = engine_for(target)
-    queue = Queue(engine)
-    try:
-        costs: list[float] = []
-        for i in range(warmup + claims):
-            start = time.perf_counter()
-            claimed = queue.claim_batch(batch, kinds=kinds)
-            elapsed = time.perf_counter() - start
-            if len(claimed) != batch:
-                raise RuntimeError(f"claim {i} returned {len(claimed)} jobs, not {batch}")
-            if i >= warmup:
-                costs.append(elapsed)
-        return costs
-    finally:
-        engine.dispose()
+class Claimer:
+    """``queue.claim_batch`` of a full batch, one claim (and transaction) at a time."""
+
+    def __init__(self, target: Target, kinds: list[str] | None) -> None:
+        self.engine = engine_for(target)
+        self.queue = Queue(self.engine)
+        self.kinds = kinds
+
+    def claim(self, batch: int) -> float:
+        """Seconds for one claim of ``batch`` jobs (which must all be there)."""
+        start = time.perf_counter()
+        claimed = self.queue.claim_batch(batch, kinds=self.kinds)
+        elapsed = time.perf_counter() - start
+        if len(claimed) != batch:
+            raise RuntimeError(f"a claim returned {len(claimed)} jobs, not {batch}")
+        return elapsed
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 # -- child processes -----------------------------------------------------------------------

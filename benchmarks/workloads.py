@@ -127,23 +127,59 @@ class Run:
         try:
             work()
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            self.errors.append(
-                {
-                    "workload": workload,
-                    "case": case,
-                    "system": system,
-                    "error": message,
-                    "traceback": traceback.format_exc()[-4000:],
-                }
-            )
-            self.console.log(f"[red]{workload} {case} {system} failed:[/] {message[:500]}")
+            self.record_failure(workload, case, system, exc)
 
-    def best_of(
-        self, measure: Callable[[], float], *, higher: bool = True
-    ) -> tuple[float, list[float]]:
-        runs = [measure() for _ in range(self.sizes.repeats)]
-        return (max(runs) if higher else min(runs)), runs
+    def record_failure(self, workload: str, case: str, system: str, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        self.errors.append(
+            {
+                "workload": workload,
+                "case": case,
+                "system": system,
+                "error": message,
+                "traceback": traceback.format_exc()[-4000:],
+            }
+        )
+        self.console.log(f"[red]{workload} {case} {system} failed:[/] {message[:500]}")
+
+    def interleaved(self, measurements: list[Measurement]) -> None:
+        """Run ``measurements`` in rounds, each once a round, and record each one's best.
+
+        This machine's speed drifts by tens of percent over minutes (a shared virtual
+        machine, a disk whose fsyncs vary), so a system measured twice in a row and then
+        its floor twice in a row could be compared across a drift. In rounds, every
+        system of a comparison sees the same drift. A measurement that fails is recorded
+        and leaves the later rounds.
+        """
+        runs: dict[int, list[float]] = {i: [] for i in range(len(measurements))}
+        failed: set[int] = set()
+        for round_ in range(max((m.runs or self.sizes.repeats for m in measurements), default=0)):
+            for i, m in enumerate(measurements):
+                if i in failed or round_ >= (m.runs or self.sizes.repeats):
+                    continue
+                try:
+                    runs[i].append(m.measure())
+                except Exception as exc:
+                    failed.add(i)
+                    self.record_failure(m.workload, m.case, m.system, exc)
+        for i, m in enumerate(measurements):
+            if i not in failed and runs[i]:
+                best = max(runs[i]) if m.higher else min(runs[i])
+                self.add(Figure(m.workload, m.case, m.system, m.metric, best, m.detail(runs[i])))
+
+
+@dataclass
+class Measurement:
+    """One figure measured in :meth:`Run.interleaved` rounds: its best run is kept."""
+
+    workload: str
+    case: str
+    system: str
+    metric: str
+    measure: Callable[[], float]
+    detail: Callable[[list[float]], dict[str, Any]]
+    higher: bool = True  # a higher figure is better (jobs/s)
+    runs: int | None = None  # None: the size's repeats
 
 
 def _fmt(value: float) -> str:
@@ -187,7 +223,7 @@ def _module(system: str) -> Any:
     return sys_huey
 
 
-def _enqueue_single(run: Run, system: str) -> None:
+def _enqueue_single(run: Run, system: str) -> Measurement:
     jobs = run.sizes.enqueue_single
     module = _module(system)
 
@@ -195,11 +231,12 @@ def _enqueue_single(run: Run, system: str) -> None:
         with run.target(system) as target:
             return float(jobs / module.enqueue_single(target, jobs))
 
-    best, runs = run.best_of(measure)
-    run.add(Figure("enqueue", "single", system, "jobs/s", best, {"runs": runs, "jobs": jobs}))
+    return Measurement(
+        "enqueue", "single", system, "jobs/s", measure, lambda runs: {"runs": runs, "jobs": jobs}
+    )
 
 
-def _enqueue_batched(run: Run, system: str) -> None:
+def _enqueue_batched(run: Run, system: str) -> Measurement:
     jobs, batch = run.sizes.enqueue_batched, run.sizes.enqueue_batch
     module = _module(system)
 
@@ -207,18 +244,25 @@ def _enqueue_batched(run: Run, system: str) -> None:
         with run.target(system) as target:
             return float(jobs / module.enqueue_batched(target, jobs, batch))
 
-    best, runs = run.best_of(measure)
-    detail = {"runs": runs, "jobs": jobs, "batch": batch}
-    run.add(Figure("enqueue", "batched", system, "jobs/s", best, detail))
+    return Measurement(
+        "enqueue",
+        "batched",
+        system,
+        "jobs/s",
+        measure,
+        lambda runs: {"runs": runs, "jobs": jobs, "batch": batch},
+    )
 
 
 def enqueue(run: Run) -> None:
+    measurements = []
     for system in run.systems:
         if system == "huey-default":
             continue  # huey's default durability shows in the drain; enqueue is at its fastest
-        run.guarded("enqueue", "single", system, partial(_enqueue_single, run, system))
+        measurements.append(_enqueue_single(run, system))
         if hasattr(_module(system), "enqueue_batched"):
-            run.guarded("enqueue", "batched", system, partial(_enqueue_batched, run, system))
+            measurements.append(_enqueue_batched(run, system))
+    run.interleaved(measurements)
 
 
 # -- 2. drain ------------------------------------------------------------------------------
@@ -232,7 +276,7 @@ def _throughput(results: list[dict[str, Any]], expected: int) -> float:
     return expected / elapsed
 
 
-def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> None:
+def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> Measurement:
     """memtree's worker, or the floor, over jobs filled with raw SQL."""
     family = SYSTEMS[system].family
     jobs = run.sizes.drain_tx if transactional else run.sizes.drain
@@ -259,14 +303,16 @@ def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> No
                 raise RuntimeError("a transactional drain wrote the wrong number of rows")
             return rate
 
-    best, runs = run.best_of(measure)
-    detail: dict[str, Any] = {"runs": runs, "jobs": jobs, "processes": processes}
-    detail["claim_batch" if family == "floor" else "concurrency"] = batch
+    def detail(runs: list[float]) -> dict[str, Any]:
+        described: dict[str, Any] = {"runs": runs, "jobs": jobs, "processes": processes}
+        described["claim_batch" if family == "floor" else "concurrency"] = batch
+        return described
+
     case = "tx-1p" if transactional else f"noop-{processes}p"
-    run.add(Figure("drain", case, system, "jobs/s", best, detail))
+    return Measurement("drain", case, system, "jobs/s", measure, detail)
 
 
-def _drain_pgqueuer(run: Run, processes: int) -> None:
+def _drain_pgqueuer(run: Run, processes: int) -> Measurement:
     from benchmarks import sys_pgqueuer
 
     jobs = run.sizes.drain
@@ -279,29 +325,36 @@ def _drain_pgqueuer(run: Run, processes: int) -> None:
                 proc.run_together("pgqueuer-drain", [spec] * processes, timeout=1800), jobs
             )
 
-    best, runs = run.best_of(measure)
-    detail = {"runs": runs, "jobs": jobs, "processes": processes, "batch_size": PGQUEUER_BATCH}
-    run.add(Figure("drain", f"noop-{processes}p", "pgqueuer", "jobs/s", best, detail))
+    def detail(runs: list[float]) -> dict[str, Any]:
+        return {"runs": runs, "jobs": jobs, "processes": processes, "batch_size": PGQUEUER_BATCH}
+
+    return Measurement("drain", f"noop-{processes}p", "pgqueuer", "jobs/s", measure, detail)
 
 
-def _drain_procrastinate(run: Run) -> None:
+def _drain_procrastinate(run: Run) -> Measurement:
     from benchmarks import sys_procrastinate
 
     jobs = run.sizes.drain_procrastinate
-    with run.target("procrastinate") as target:
-        sys_procrastinate.enqueue_batched(target, jobs, 1000)
-        spec = {"url": target.url, "concurrency": PROCRASTINATE_CONCURRENCY}
-        rate = _throughput(proc.run_together("procrastinate-drain", [spec], timeout=1800), jobs)
-    detail = {
-        "runs": [rate],  # slow and steady: one run
-        "jobs": jobs,
-        "processes": 1,
-        "concurrency": PROCRASTINATE_CONCURRENCY,
-    }
-    run.add(Figure("drain", "noop-1p", "procrastinate", "jobs/s", rate, detail))
+
+    def measure() -> float:
+        with run.target("procrastinate") as target:
+            sys_procrastinate.enqueue_batched(target, jobs, 1000)
+            spec = {"url": target.url, "concurrency": PROCRASTINATE_CONCURRENCY}
+            return _throughput(proc.run_together("procrastinate-drain", [spec], timeout=1800), jobs)
+
+    def detail(runs: list[float]) -> dict[str, Any]:
+        return {
+            "runs": runs,
+            "jobs": jobs,
+            "processes": 1,
+            "concurrency": PROCRASTINATE_CONCURRENCY,
+        }
+
+    # Slow and steady: one run.
+    return Measurement("drain", "noop-1p", "procrastinate", "jobs/s", measure, detail, runs=1)
 
 
-def _drain_huey(run: Run, system: str) -> None:
+def _drain_huey(run: Run, system: str) -> Measurement:
     from benchmarks import sys_huey
 
     jobs = run.sizes.drain
@@ -313,34 +366,35 @@ def _drain_huey(run: Run, system: str) -> None:
             spec = {"path": target.path, "count": jobs, "fsync": fsync}
             return _throughput(proc.run_together("huey-drain", [spec], timeout=1800), jobs)
 
-    best, runs = run.best_of(measure) if system == "huey" else (measure(), [])
-    detail = {
-        "runs": runs or [best],
-        "jobs": jobs,
-        "processes": 1,
-        "workers": 1,
-        "fsync": fsync,
-        "poll_s": HUEY_POLL_S,
-    }
-    run.add(Figure("drain", "noop-1p", system, "jobs/s", best, detail))
+    def detail(runs: list[float]) -> dict[str, Any]:
+        return {
+            "runs": runs,
+            "jobs": jobs,
+            "processes": 1,
+            "workers": 1,
+            "fsync": fsync,
+            "poll_s": HUEY_POLL_S,
+        }
+
+    # huey's defaults are measured once, for reference; its fastest setting is the peer.
+    runs = None if system == "huey" else 1
+    return Measurement("drain", "noop-1p", system, "jobs/s", measure, detail, runs=runs)
 
 
 def drain(run: Run) -> None:
+    measurements = []
     for system in run.systems:
         family = SYSTEMS[system].family
         if family in ("memtree", "floor"):
-            for processes in (1, 2):
-                work = partial(_drain_sql, run, system, processes, False)
-                run.guarded("drain", f"noop-{processes}p", system, work)
-            run.guarded("drain", "tx-1p", system, partial(_drain_sql, run, system, 1, True))
+            measurements += [_drain_sql(run, system, processes, False) for processes in (1, 2)]
+            measurements.append(_drain_sql(run, system, 1, True))
         elif family == "pgqueuer":
-            for processes in (1, 2):
-                work = partial(_drain_pgqueuer, run, processes)
-                run.guarded("drain", f"noop-{processes}p", system, work)
+            measurements += [_drain_pgqueuer(run, processes) for processes in (1, 2)]
         elif family == "procrastinate":
-            run.guarded("drain", "noop-1p", system, partial(_drain_procrastinate, run))
+            measurements.append(_drain_procrastinate(run))
         elif family == "huey":
-            run.guarded("drain", "noop-1p", system, partial(_drain_huey, run, system))
+            measurements.append(_drain_huey(run, system))
+    run.interleaved(measurements)
 
 
 # -- 3. latency ----------------------------------------------------------------------------
@@ -494,7 +548,12 @@ def latency(run: Run) -> None:
 BACKLOG_WARMUP = 3
 
 
-def _backlog(run: Run, system: str, scenario: str, done: int, ready: int) -> None:
+def _backlog_claimers(
+    run: Run, stack: contextlib.ExitStack, system: str, scenario: str, done: int, ready: int
+) -> list[tuple[str, int, int, Any]]:
+    """Fill one database for ``system`` in ``scenario``; its claimers, one per variant
+    (the worker's claim of its own kinds and ``claim_batch`` of all kinds for memtree, the
+    raw claim for the floor), as ``(case, done rows, ready rows, claimer)``."""
     sizes = run.sizes
     batch = sizes.backlog_batch or run.concurrency
     memtree_family = SYSTEMS[system].family == "memtree"
@@ -502,20 +561,61 @@ def _backlog(run: Run, system: str, scenario: str, done: int, ready: int) -> Non
         [("worker", [KIND]), ("all-kinds", None)] if memtree_family else [("raw", [KIND])]
     )
     waiting = max(ready, (sizes.backlog_claims + BACKLOG_WARMUP) * batch * len(variants))
-    with run.target(system) as target:
-        dbs.fill(target, done, kind=KIND, status="done", start_ms=dbs.now_ms() - 10**7)
-        dbs.fill(target, waiting, kind=KIND)
-        dbs.analyze(target)
-        for name, kinds in variants:
-            if memtree_family:
-                costs = sys_memtree.claim_costs(
-                    target, sizes.backlog_claims, batch, kinds=kinds, warmup=BACKLOG_WARMUP
-                )
-            else:
-                costs = sys_floor.claim_costs(
-                    target, sizes.backlog_claims, batch, warmup=BACKLOG_WARMUP
-                )
-            ms = [c * 1000 for c in costs]
+    target = stack.enter_context(run.target(system))
+    dbs.fill(target, done, kind=KIND, status="done", start_ms=dbs.now_ms() - 10**7)
+    dbs.fill(target, waiting, kind=KIND)
+    dbs.analyze(target)
+    claimers = []
+    for name, kinds in variants:
+        claimer: Any = (
+            sys_memtree.Claimer(target, kinds) if memtree_family else sys_floor.Claimer(target)
+        )
+        stack.callback(claimer.close)
+        claimers.append((f"{scenario}/{name}", done, waiting, claimer))
+    return claimers
+
+
+def _backlog_backend(run: Run, systems: list[str]) -> None:
+    """Claim costs of every scenario of ``systems`` (one backend), measured in rounds.
+
+    Every database is filled first; then each round makes one claim in each of them, so
+    that the machine's drift over the minutes of a run weighs on every scenario alike and
+    the ratios to the empty table compare claims made side by side.
+    """
+    sizes = run.sizes
+    batch = sizes.backlog_batch or run.concurrency
+    scenarios: list[tuple[str, int, int]] = [("empty", 0, 0)]
+    scenarios += [(f"done-{done}", done, 0) for done in sizes.backlog_done]
+    scenarios.append((f"ready-{sizes.backlog_ready}", 0, sizes.backlog_ready))
+    with contextlib.ExitStack() as stack:
+        claimers: list[tuple[str, str, int, int, Any]] = []
+        for system in systems:
+            for scenario, done, ready in scenarios:
+                try:
+                    for case, rows, waiting, claimer in _backlog_claimers(
+                        run, stack, system, scenario, done, ready
+                    ):
+                        claimers.append((system, case, rows, waiting, claimer))
+                except Exception as exc:
+                    run.record_failure("backlog", scenario, system, exc)
+        costs: dict[int, list[float]] = {i: [] for i in range(len(claimers))}
+        failed: set[int] = set()
+        for round_ in range(BACKLOG_WARMUP + sizes.backlog_claims):
+            for i, (system, case, _, _, claimer) in enumerate(claimers):
+                if i in failed:
+                    continue
+                try:
+                    elapsed = claimer.claim(batch)
+                except Exception as exc:
+                    failed.add(i)
+                    run.record_failure("backlog", case, system, exc)
+                    continue
+                if round_ >= BACKLOG_WARMUP:
+                    costs[i].append(elapsed * 1000)
+        for i, (system, case, done, waiting, _) in enumerate(claimers):
+            if i in failed:
+                continue
+            ms = costs[i]
             detail = {
                 "claims": len(ms),
                 "batch": batch,
@@ -523,24 +623,20 @@ def _backlog(run: Run, system: str, scenario: str, done: int, ready: int) -> Non
                 "ready_rows": waiting,
                 "mean_ms": statistics.fmean(ms),
                 "p95_ms": percentile(ms, 0.95),
+                "interleaved_with": len(claimers),
             }
-            figure = Figure(
-                "backlog", f"{scenario}/{name}", system, "ms", statistics.median(ms), detail
-            )
-            run.add(figure)
+            run.add(Figure("backlog", case, system, "ms", statistics.median(ms), detail))
 
 
 def backlog(run: Run) -> None:
-    sizes = run.sizes
-    scenarios: list[tuple[str, int, int]] = [("empty", 0, 0)]
-    scenarios += [(f"done-{done}", done, 0) for done in sizes.backlog_done]
-    scenarios.append((f"ready-{sizes.backlog_ready}", 0, sizes.backlog_ready))
-    for system in run.systems:
-        if SYSTEMS[system].family not in ("memtree", "floor"):
-            continue
-        for scenario, done, ready in scenarios:
-            work = partial(_backlog, run, system, scenario, done, ready)
-            run.guarded("backlog", scenario, system, work)
+    for backend in ("postgresql", "sqlite"):
+        systems = [
+            system
+            for system in run.systems
+            if SYSTEMS[system].backend == backend and SYSTEMS[system].family in ("memtree", "floor")
+        ]
+        if systems:
+            _backlog_backend(run, systems)
 
 
 # -- 5. memory -----------------------------------------------------------------------------
