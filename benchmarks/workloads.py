@@ -164,13 +164,14 @@ class Run:
                     self.record_failure(m.workload, m.case, m.system, exc)
         for i, m in enumerate(measurements):
             if i not in failed and runs[i]:
-                best = max(runs[i]) if m.higher else min(runs[i])
+                best = max(runs[i])
                 self.add(Figure(m.workload, m.case, m.system, m.metric, best, m.detail(runs[i])))
 
 
 @dataclass
 class Measurement:
-    """One figure measured in :meth:`Run.interleaved` rounds: its best run is kept."""
+    """One rate (higher is better) measured in :meth:`Run.interleaved` rounds: its best
+    run is kept."""
 
     workload: str
     case: str
@@ -178,7 +179,6 @@ class Measurement:
     metric: str
     measure: Callable[[], float]
     detail: Callable[[list[float]], dict[str, Any]]
-    higher: bool = True  # a higher figure is better (jobs/s)
     runs: int | None = None  # None: the size's repeats
 
 
