@@ -164,7 +164,11 @@ class WorkerPool:
             if self.slots[slot] is not None:
                 self.restarts += 1
         env = {k: v for k, v in os.environ.items() if k != "MEMTREE_DATABASE_URL"}
-        env.update(CHAOS_LOG_DIR=str(self.workdir), CHAOS_MODE=self.mode)
+        # libpq names the worker's PostgreSQL sessions after its slot's sequence number, so
+        # that the monkey can see when the server has ended a killed worker's sessions.
+        env.update(
+            CHAOS_LOG_DIR=str(self.workdir), CHAOS_MODE=self.mode, PGAPPNAME=session_name(seq)
+        )
         log_path = self.workdir / f"worker-{seq}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -270,6 +274,33 @@ def running_rows(engine: Engine) -> dict[str, tuple[str | None, int | None]]:
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
+def session_name(seq: int) -> str:
+    """The ``application_name`` of worker ``seq``'s PostgreSQL sessions."""
+    return f"memtree-chaos-{seq}"
+
+
+def wait_sessions_ended(engine: Engine, worker: WorkerProcess) -> None:
+    """Wait until the server has ended a killed worker's sessions (PostgreSQL only).
+
+    A COMMIT the worker sent just before its SIGKILL is still carried out by its backend,
+    which notices the dead client only afterwards: until the backend is gone, a row the
+    worker was settling can still read ``running`` under its lease although the worker
+    finished it. (A SQLite worker's commit happens in its own process: nothing is left in
+    flight once the process is reaped.)
+    """
+    if engine.dialect.name != "postgresql":
+        return
+
+    def ended() -> bool:
+        with engine.connect() as conn:
+            return not conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"),
+                {"name": session_name(worker.seq)},
+            ).scalar_one()
+
+    wait_for(ended, 30, f"the sessions of killed worker {worker.seq} ended", interval=0.01)
+
+
 class Monkey(threading.Thread):
     """Every 0.5-1.5 s: SIGKILL a random worker, note the jobs it left running, restart it."""
 
@@ -291,6 +322,7 @@ class Monkey(threading.Thread):
                 killed_at = now_ms()
                 self.kills += 1
                 self.pool.start(slot)
+                wait_sessions_ended(self.engine, victim)
                 mine = self.pool.tokens_of(victim.pid)
                 for job_id, (token, until) in running_rows(self.engine).items():
                     if token in mine and until is not None:
