@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -213,18 +214,28 @@ def test_worker_reports_a_handler_module_that_cannot_be_imported(
     assert "not a mapping" in fails("worker", "--app", "json:__name__", url=migrated)
 
 
-def test_status_watch_refreshes_until_interrupted(migrated: str, wall_queue: Queue) -> None:
-    import signal
+def _interruptible() -> None:
+    # A shell runs background commands with SIGINT ignored, and a Python started that way
+    # keeps ignoring it: give the child the default, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
+def test_status_watch_refreshes_until_interrupted(migrated: str, wall_queue: Queue) -> None:
     wall_queue.enqueue(NewJob("watched"))
     process = subprocess.Popen(
         [str(MEMTREE), "--database-url", migrated, "status", "--watch", "--interval", "0.2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
     )
-    time.sleep(2.0)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
+    try:
+        time.sleep(2.0)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 0, stderr
     assert "watched" in stdout and "Traceback" not in stderr
