@@ -682,7 +682,7 @@ class Worker:
         """Settle ``done`` in the handler's own session: its writes, follow-ups and the
         completion commit together, or (lease lost, cancel requested) not at all.
 
-        The same transaction claims this thread's next job (see :meth:`_chain_kinds`), so
+        The same transaction claims this thread's next job (see :meth:`_claim_follower`), so
         a worker of transactional handlers pays one transaction per job, not a claim
         transaction and a completion transaction."""
         ctx = entry.context
