@@ -69,11 +69,12 @@ def _one_line_errors(func: F) -> F:
 
 
 class Context:
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, sqlite_journal_mode: str | None = "WAL") -> None:
         self.database_url = database_url
+        self.sqlite_journal_mode = sqlite_journal_mode
 
     def engine(self) -> Engine:
-        return create_engine(self.database_url)
+        return create_engine(self.database_url, sqlite_journal_mode=self.sqlite_journal_mode)
 
 
 database_url_option = click.option(
@@ -85,13 +86,26 @@ database_url_option = click.option(
 )
 
 
+journal_mode_option = click.option(
+    "--sqlite-journal-mode",
+    envvar="MEMTREE_SQLITE_JOURNAL_MODE",
+    type=click.Choice(["wal", "delete", "truncate", "persist", "keep"], case_sensitive=False),
+    default="wal",
+    show_default=True,
+    help="SQLite journal mode to set; 'keep' leaves the file's own, as a file shared with "
+    "the TinyCortex crate needs (env MEMTREE_SQLITE_JOURNAL_MODE).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @database_url_option
+@journal_mode_option
 @click.version_option(package_name="memtree")
 @click.pass_context
-def main(ctx: click.Context, database_url: str) -> None:
+def main(ctx: click.Context, database_url: str, sqlite_journal_mode: str) -> None:
     """memtree: a durable job queue in your application's own SQL database."""
-    ctx.obj = Context(database_url)
+    mode = sqlite_journal_mode.upper()
+    ctx.obj = Context(database_url, None if mode == "KEEP" else mode)
 
 
 @main.group()

@@ -1,21 +1,40 @@
-"""Engines configured for a job queue: SQLite in WAL with immediate write transactions,
-PostgreSQL on psycopg 3.
+"""Engines set up for a job queue, the application's own engines included.
 
-:func:`create_engine` is what ``Queue("sqlite:///memtree.db")`` uses. An application
-that shares one engine between its own tables and memtree should build it here too,
-so that SQLite writers wait for each other instead of failing with "database is
-locked".
+:func:`create_engine` builds memtree's engine: SQLite in WAL (or the journal mode you
+choose) with a busy timeout and ``BEGIN IMMEDIATE`` transactions, PostgreSQL on psycopg 3.
+:func:`configure_engine` brings an engine the application built itself up to what memtree
+needs, without changing how the application's own transactions begin; ``Queue(engine)``
+calls it on any SQLite engine it is given. :func:`handler_connection` is the connection
+behind a handler's ``ctx.session``: on SQLite its transaction begins at its first write,
+so a handler that reads and then waits holds no lock while it waits.
+
+What memtree needs from a SQLite file, and why:
+
+- A **busy timeout**, so a writer waits for the write lock instead of failing at once
+  with "database is locked" (15 s, the original's).
+- **Write transactions that take the lock up front** (``BEGIN IMMEDIATE``) for memtree's
+  own transactions: a transaction that reads before it writes would otherwise fail on
+  the upgrade, without waiting, when another writer got there first.
+- **WAL**, unless told otherwise, so readers never block writers. A file shared with the
+  original Rust crate, which sets ``journal_mode=TRUNCATE`` on every connection it
+  opens, must stay in a rollback journal: pass ``sqlite_journal_mode=None`` (keep the
+  file's mode) or ``"TRUNCATE"``.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import URL, Engine, event, make_url
+from sqlalchemy import URL, Connection, Engine, RootTransaction, event, make_url
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine.interfaces import Dialect as SADialect
 
 from memtree.dialects import dialect_for
 from memtree.errors import ConfigurationError
@@ -24,7 +43,11 @@ __all__ = [
     "DEFAULT_DATABASE_URL",
     "PING_AFTER_IDLE_S",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "SQLITE_JOURNAL_MODES",
+    "begin_write",
+    "configure_engine",
     "create_engine",
+    "handler_connection",
     "normalize_url",
 ]
 
@@ -33,6 +56,29 @@ DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 #: A pooled PostgreSQL connection idle for this long is checked before it is used.
 PING_AFTER_IDLE_S = 1.0
+#: The journal modes memtree can run in (``None`` keeps whatever the file has).
+SQLITE_JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+#: A pool record's ``info`` key: this DBAPI connection has memtree's pragmas.
+_PREPARED = "memtree.prepared"
+#: A pool record's ``info`` key: begin this connection's transaction at its first write.
+_LAZY = "memtree.lazy_begin"
+
+
+@dataclass(frozen=True, slots=True)
+class _SQLiteSetup:
+    """How memtree set up a SQLite engine (one per SQLAlchemy dialect instance)."""
+
+    journal_mode: str | None
+    synchronous: str | None
+    busy_timeout_ms: int
+    #: Built by :func:`create_engine`: every transaction begins IMMEDIATE through the
+    #: dialect. Otherwise memtree begins its own transactions itself (:func:`begin_write`).
+    owns_begin: bool
+
+
+_SETUPS: weakref.WeakKeyDictionary[SADialect, _SQLiteSetup] = weakref.WeakKeyDictionary()
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -49,34 +95,112 @@ def normalize_url(url: str | URL) -> URL:
 _decode_text = functools.partial(str, encoding="utf-8", errors="replace")
 
 
-def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # memtree issues BEGIN itself (below); the driver's implicit BEGIN would be
-        # DEFERRED and could fail with SQLITE_BUSY instead of waiting.
-        dbapi_connection.isolation_level = None
-        # Another program may have written bytes that are not UTF-8: read them with
-        # replacement characters rather than fail every claim that picks the row.
-        dbapi_connection.text_factory = _decode_text
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            if engine.url.database not in (None, "", ":memory:"):
-                cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute(f"PRAGMA synchronous = {synchronous}")
-        finally:
-            cursor.close()
+def _journal_mode(value: str | None) -> str | None:
+    if value is None:
+        return None
+    mode = str(value).upper()
+    if mode not in SQLITE_JOURNAL_MODES:
+        raise ConfigurationError(
+            f"sqlite_journal_mode must be one of {', '.join(SQLITE_JOURNAL_MODES)} or None "
+            f"(keep the file's), not {value!r}"
+        )
+    return mode
 
-    # SQLAlchemy runs the dialect's BEGIN where it would run its own, and wraps its errors
-    # like any statement's. (A "begin" event would work too, but any engine-level
-    # connection event makes SQLAlchemy join an event dispatcher onto every connection it
-    # opens, which costs a tenth of a one-job transaction.)
-    engine.dialect.do_begin = _begin_immediate  # type: ignore[method-assign]
+
+def _synchronous(value: str | None, journal_mode: str | None) -> str | None:
+    if value is None:
+        # NORMAL is safe against power loss only in WAL; a rollback journal needs FULL.
+        return "NORMAL" if journal_mode == "WAL" else None
+    mode = str(value).upper()
+    if mode not in _SYNCHRONOUS:
+        raise ConfigurationError(
+            f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {value!r}"
+        )
+    return mode
+
+
+def _busy_timeout(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"sqlite_busy_timeout_ms must be an int >= 0, not {value!r}")
+    return value
+
+
+_PRAGMA_VALUES: dict[str, tuple[str, ...]] = {
+    "journal_mode": SQLITE_JOURNAL_MODES,
+    "synchronous": _SYNCHRONOUS,
+}
+
+
+def _set_pragma(cursor: Any, name: str, value: int | str) -> Any:
+    """``PRAGMA name = value``, returning its row. PRAGMA takes no bound parameters, so
+    the value must be an int or one of the keywords the pragma accepts."""
+    if not (
+        (name == "busy_timeout" and type(value) is int) or value in _PRAGMA_VALUES.get(name, ())
+    ):
+        raise ConfigurationError(f"the {name} pragma cannot be set to {value!r}")
+    return cursor.execute(f"PRAGMA {name} = {value}").fetchone()
+
+
+def _prepare(dbapi_connection: Any, setup: _SQLiteSetup, database: str | None) -> None:
+    """memtree's pragmas on one SQLite connection."""
+    cursor = dbapi_connection.cursor()
+    try:
+        # On the application's engine, keep a longer timeout it chose for itself.
+        current = 0 if setup.owns_begin else cursor.execute("PRAGMA busy_timeout").fetchone()[0]
+        if setup.owns_begin or int(current) < setup.busy_timeout_ms:
+            _set_pragma(cursor, "busy_timeout", setup.busy_timeout_ms)
+        if setup.journal_mode is not None and database not in (None, "", ":memory:"):
+            try:
+                mode = _set_pragma(cursor, "journal_mode", setup.journal_mode)
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"cannot set SQLite journal_mode={setup.journal_mode} on {database} "
+                    f"({exc}): another process holds the file in another journal mode (the "
+                    "TinyCortex crate keeps TRUNCATE); to share the file, run memtree with "
+                    "sqlite_journal_mode=None (CLI: --sqlite-journal-mode keep)"
+                ) from exc
+            if mode is not None and str(mode[0]).upper() != setup.journal_mode:
+                raise ConfigurationError(
+                    f"SQLite kept journal_mode={mode[0]} on {database} instead of "
+                    f"{setup.journal_mode}: another connection holds it; to share the file "
+                    "in its own mode, run memtree with sqlite_journal_mode=None"
+                )
+        if setup.synchronous is not None:
+            _set_pragma(cursor, "synchronous", setup.synchronous)
+    finally:
+        cursor.close()
+
+
+def _install(engine: Engine, setup: _SQLiteSetup) -> None:
+    database = engine.url.database
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        if setup.owns_begin:
+            # memtree issues BEGIN itself (below); the driver's implicit BEGIN would be
+            # DEFERRED and could fail with SQLITE_BUSY instead of waiting.
+            dbapi_connection.isolation_level = None
+            # Another program may have written bytes that are not UTF-8: read them with
+            # replacement characters rather than fail every claim that picks the row.
+            dbapi_connection.text_factory = _decode_text
+        _prepare(dbapi_connection, setup, database)
+        record.info[_PREPARED] = True
+
+    _SETUPS[engine.dialect] = setup
+    if setup.owns_begin:
+        # SQLAlchemy runs the dialect's BEGIN where it would run its own, and wraps its
+        # errors like any statement's. (A "begin" event would work too, but any
+        # engine-level connection event makes SQLAlchemy join an event dispatcher onto
+        # every connection it opens, which costs a tenth of a one-job transaction.)
+        engine.dialect.do_begin = _begin_immediate  # type: ignore[method-assign]
 
 
 def _begin_immediate(dbapi_connection: Any) -> None:
     # IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
-    # transaction that reads before it writes cannot fail on the upgrade.
+    # transaction that reads before it writes cannot fail on the upgrade. A handler's
+    # connection (see handler_connection) begins at its first write instead.
+    if dbapi_connection.info.get(_LAZY):
+        return
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("BEGIN IMMEDIATE")
@@ -87,30 +211,122 @@ def _begin_immediate(dbapi_connection: Any) -> None:
 def create_engine(
     url: str | URL = DEFAULT_DATABASE_URL,
     *,
-    sqlite_synchronous: str = "NORMAL",
+    sqlite_journal_mode: str | None = "WAL",
+    sqlite_synchronous: str | None = None,
     sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
     **kwargs: Any,
 ) -> Engine:
     """A SQLAlchemy engine set up for memtree (and safe for the application's own use).
 
-    SQLite gets WAL, a busy timeout (15 s by default), ``synchronous`` as given (``NORMAL`` keeps
-    every commit across a process crash; ``FULL`` also across power loss) and
-    ``BEGIN IMMEDIATE`` transactions. ``postgresql://`` URLs use psycopg 3, and a pooled
-    connection idle for a second is checked before use (unless ``pool_pre_ping`` is given).
+    SQLite gets the journal mode given (WAL by default; ``None`` keeps the file's, as a
+    file shared with the original crate needs), a busy timeout (15 s by default),
+    ``synchronous`` as given (by default ``NORMAL`` in WAL, which keeps every commit
+    across a process crash, and ``FULL`` otherwise) and ``BEGIN IMMEDIATE``
+    transactions. ``postgresql://`` URLs use psycopg 3, and a pooled connection idle
+    for a second is checked before use (unless ``pool_pre_ping`` is given).
     """
-    synchronous = sqlite_synchronous.upper()
-    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise ConfigurationError(
-            f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {sqlite_synchronous!r}"
-        )
+    journal_mode = _journal_mode(sqlite_journal_mode)
+    synchronous = _synchronous(sqlite_synchronous, journal_mode)
+    if synchronous is None:
+        synchronous = "FULL"
+    busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, synchronous, int(sqlite_busy_timeout_ms))
+        _install(engine, _SQLiteSetup(journal_mode, synchronous, busy_timeout_ms, True))
     elif "pool_pre_ping" not in kwargs:
         _ping_after_idle(engine)
     return engine
+
+
+def configure_engine(
+    engine: Engine,
+    *,
+    sqlite_journal_mode: str | None = "WAL",
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+) -> Engine:
+    """Set up an engine the application built itself for memtree; returns it.
+
+    ``Queue(engine)`` calls this with the defaults on a SQLite engine that neither
+    :func:`create_engine` built nor this function has set up, so call it first only to
+    choose otherwise. On SQLite every connection of the engine gets a busy timeout of at
+    least ``sqlite_busy_timeout_ms`` and the journal mode given (WAL by default; ``None``
+    keeps the file's), while its transactions still begin the way the application set
+    them up: memtree begins its own with ``BEGIN IMMEDIATE`` itself. Nothing is changed
+    on other databases. A second call, or a call on memtree's own engine, does nothing.
+    """
+    if not isinstance(engine, Engine):
+        raise ConfigurationError(f"configure_engine needs a SQLAlchemy Engine, not {engine!r}")
+    if engine.dialect.name != "sqlite" or engine.dialect in _SETUPS:
+        return engine
+    journal_mode = _journal_mode(sqlite_journal_mode)
+    busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
+    _install(engine, _SQLiteSetup(journal_mode, None, busy_timeout_ms, False))
+    return engine
+
+
+def _setup_of(engine: Engine) -> _SQLiteSetup | None:
+    return _SETUPS.get(engine.dialect)
+
+
+def begin_write(conn: Connection) -> RootTransaction:
+    """Begin memtree's own write transaction on ``conn`` (fresh from ``engine.connect()``).
+
+    On memtree's SQLite engine the dialect's BEGIN is already IMMEDIATE, and PostgreSQL
+    needs nothing more than a BEGIN. On an application's SQLite engine (see
+    :func:`configure_engine`) this prepares a connection opened before memtree set the
+    engine up, and begins with ``BEGIN IMMEDIATE`` itself unless the application's own
+    set-up already began a transaction.
+    """
+    transaction = conn.begin()
+    if conn.dialect.name != "sqlite":
+        return transaction
+    setup = _setup_of(conn.engine)
+    if setup is not None and setup.owns_begin:
+        return transaction
+    fairy = conn.connection
+    dbapi_connection: Any = fairy.dbapi_connection
+    if setup is not None and not fairy.info.get(_PREPARED):
+        _prepare(dbapi_connection, setup, conn.engine.url.database)
+        fairy.info[_PREPARED] = True
+    if not dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    return transaction
+
+
+@contextmanager
+def handler_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for a handler's session: on SQLite its transaction begins at the
+    first write (``BEGIN IMMEDIATE`` then) instead of at the first statement.
+
+    Reads before that run outside any transaction, each seeing the latest commit (as in
+    PostgreSQL's default ``READ COMMITTED``), so a handler that reads and then waits on
+    an external call holds no lock meanwhile; from its first write to its commit it
+    holds SQLite's write lock. Elsewhere it is a plain connection.
+    """
+    conn = engine.connect()
+    try:
+        if conn.dialect.name != "sqlite":
+            yield conn
+            return
+        fairy = conn.connection
+        dbapi_connection: Any = fairy.dbapi_connection
+        previous = dbapi_connection.isolation_level
+        fairy.info[_LAZY] = True
+        # Python's sqlite3 begins a transaction before the first INSERT, UPDATE, DELETE
+        # or REPLACE, with this as the BEGIN's mode, and runs reads in autocommit before it.
+        dbapi_connection.isolation_level = "IMMEDIATE"
+        try:
+            yield conn
+        finally:
+            fairy.info.pop(_LAZY, None)
+            if dbapi_connection.in_transaction:
+                dbapi_connection.rollback()
+            # Restoring None would commit an open transaction: it was rolled back above.
+            dbapi_connection.isolation_level = previous
+    finally:
+        conn.close()
 
 
 def _ping_after_idle(engine: Engine) -> None:

@@ -30,6 +30,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, String, column, inspect, select, text
 from sqlalchemy import table as table_clause
 
+from memtree.engine import begin_write
 from memtree.errors import SchemaError
 from memtree.models import TABLE_NAME, Base
 
@@ -158,7 +159,7 @@ def known_revisions() -> set[str]:
 @contextmanager
 def _migration_transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction for the whole migration, serialised between processes."""
-    with engine.begin() as conn:
+    with engine.connect() as conn, begin_write(conn):
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         yield conn

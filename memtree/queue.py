@@ -20,7 +20,7 @@ from sqlalchemy import URL, Connection, Engine
 
 from memtree import migration, settle, store, tracing, wakeup
 from memtree.dialects import dialect_for
-from memtree.engine import create_engine
+from memtree.engine import begin_write, configure_engine, create_engine
 from memtree.errors import (
     ConfigurationError,
     SchemaMissingError,
@@ -132,7 +132,10 @@ class Queue:
             raise ConfigurationError("claim_order names a kind twice")
         self._clock: Clock = clock or wall_clock_ms
         if isinstance(bind, Engine):
-            self.engine = bind
+            # The application's own engine gets what memtree needs on SQLite (a busy
+            # timeout, WAL unless configure_engine said otherwise); memtree's own does
+            # already, and a second call changes nothing.
+            self.engine = configure_engine(bind)
             self._owns_engine = False
         elif isinstance(bind, str | URL):
             self.engine = create_engine(bind)
@@ -170,7 +173,8 @@ class Queue:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection in a fresh transaction, schema checked, driver errors translated."""
-        with store.translate_errors(), self.engine.begin() as conn:
+        # begin_write: BEGIN IMMEDIATE on SQLite, whoever built the engine.
+        with store.translate_errors(), self.engine.connect() as conn, begin_write(conn):
             if not self._schema_ok:
                 self._check_schema(conn)
             yield conn
