@@ -34,6 +34,7 @@ from memtree.types import (
     JobKind,
     JobStatus,
     NewJob,
+    SettledBatch,
     backoff_ms,
     is_retired_kind,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "SchemaMissingError",
     "SchemaNewerError",
     "SchemaOutdatedError",
+    "SettledBatch",
     "UnsupportedDatabaseError",
     "backoff_ms",
     "create_engine",

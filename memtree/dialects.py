@@ -24,13 +24,16 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    false,
     func,
     insert,
     literal,
     literal_column,
     select,
     text,
+    true,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -44,6 +47,7 @@ from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs
 __all__ = [
     "INSERT_COLUMNS",
     "NOTIFY_CHANNEL",
+    "Claim",
     "Dialect",
     "PostgresDialect",
     "SQLiteDialect",
@@ -53,6 +57,9 @@ __all__ = [
 
 #: The PostgreSQL channel enqueues notify and idle workers listen on; the payload is the kind.
 NOTIFY_CHANNEL = "memtree_jobs"
+
+#: A claim as a batched settle matches it: ``(id, lease_token, attempts, started_at_ms)``.
+Claim = tuple[str, str, int, int | None]
 
 #: The columns an enqueue writes; every other column takes its default.
 INSERT_COLUMNS = (
@@ -111,15 +118,35 @@ class Dialect:
         return None
 
     def holds_claims(self) -> ColumnElement[bool]:
-        """True for a ``running`` row whose ``(id, lease_token)`` is one of the claims bound by
-        :meth:`claims_params`. The SQL text is the same for any number of claims, so it
-        is compiled once and prepared by the driver, where a list of bound tuples would
-        be a new statement for every batch size."""
+        """True for a ``running`` row still under one of the claims bound by
+        :meth:`claims_params`: its ``(id, lease_token, attempts, started_at_ms)`` is one of
+        them. The token alone is not enough: the original crate's claim keeps whatever
+        token the row had, so a row it recovered and claimed again still carries the
+        token of memtree's stale claim; its claim moves ``attempts`` and
+        ``started_at_ms``. The SQL text is the same for any number of claims, so it is
+        compiled once and prepared by the driver, where a list of bound tuples would be a
+        new statement for every batch size."""
         raise NotImplementedError
 
-    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        """The parameters of :meth:`holds_claims` for these ``(id, lease_token)`` pairs."""
+    def claims_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        """The parameters of :meth:`holds_claims` for these claims."""
         raise NotImplementedError
+
+    def update_held(
+        self, values: dict[str, Any], also: ColumnElement[bool] | None = None
+    ) -> Executable:
+        """An UPDATE applying ``values`` to every row :meth:`holds_claims` (and ``also``)
+        selects, returning ``(id, lease_token, locked)`` rows: ``locked`` false for each
+        row it updated and, where rows have locks, true for each row that matched but that
+        another transaction holds locked, which it skips instead of waiting for. A caller
+        settles a skipped row again later; it is neither settled nor lost."""
+        held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
+        return (
+            update(jobs)
+            .where(held)
+            .values(values)
+            .returning(jobs.c.id, jobs.c.lease_token, false().label("locked"))
+        )
 
 
 class SQLiteDialect(Dialect):
@@ -136,21 +163,24 @@ class SQLiteDialect(Dialect):
         return update(jobs).where(jobs.c.id.in_(picked.scalar_subquery())).values(values)
 
     def holds_claims(self) -> ColumnElement[bool]:
-        # One JSON array of [id, token] pairs, each id looked up by primary key. Without
+        # One JSON array of [id, token, attempts, started] claims, each id looked up by
+        # primary key. Without
         # ANALYZE statistics SQLite would rather walk every running row through the status
         # index; the unary + (SQLite's own idiom) takes that index out of the choice.
         pairs = func.json_each(bindparam("claims", type_=Text)).table_valued("value")
         return and_(
             literal_column("+mem_tree_jobs.status") == literal_column("'running'"),
-            tuple_(jobs.c.id, jobs.c.lease_token).in_(
+            tuple_(*_FENCE_COLUMNS).in_(
                 select(
-                    func.json_extract(pairs.c.value, literal_column("'$[0]'")),
-                    func.json_extract(pairs.c.value, literal_column("'$[1]'")),
+                    *(
+                        func.json_extract(pairs.c.value, literal_column(f"'$[{i}]'"))
+                        for i in range(len(_FENCE_COLUMNS))
+                    )
                 )
             ),
         )
 
-    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def claims_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         return {"claims": json.dumps(claims)}
 
 
@@ -201,26 +231,63 @@ class PostgresDialect(Dialect):
         return update(jobs).where(jobs.c.id == chosen.c.id).values(values)
 
     def holds_claims(self) -> ColumnElement[bool]:
-        # Two text arrays zipped by unnest: one prepared statement for any batch.
-        pairs = (
+        # One array per fence column zipped by unnest: one prepared statement for any batch.
+        claims = (
             func.unnest(
-                bindparam("claim_ids", type_=ARRAY(Text)),
-                bindparam("claim_tokens", type_=ARRAY(Text)),
+                *(
+                    bindparam(f"claim_{column.name}", type_=ARRAY(column.type))
+                    for column in _FENCE_COLUMNS
+                )
             )
-            .table_valued("id", "token")
+            .table_valued(*(column.name for column in _FENCE_COLUMNS))
             .render_derived(name="claims")
         )
         return and_(
             jobs.c.status == literal_column("'running'"),
-            tuple_(jobs.c.id, jobs.c.lease_token).in_(select(pairs.c.id, pairs.c.token)),
+            tuple_(*_FENCE_COLUMNS).in_(select(*claims.c)),
         )
 
-    def claims_params(self, claims: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def claims_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
         return {
-            "claim_ids": [job_id for job_id, _ in claims],
-            "claim_tokens": [token for _, token in claims],
+            f"claim_{column.name}": [claim[i] for claim in claims]
+            for i, column in enumerate(_FENCE_COLUMNS)
         }
 
+    def update_held(
+        self, values: dict[str, Any], also: ColumnElement[bool] | None = None
+    ) -> Executable:
+        # The loop thread runs these, and it must never wait on a row lock of another
+        # session (a host's SELECT ... FOR UPDATE, a handler's open transaction): the rows
+        # are locked with SKIP LOCKED first, and a held row that was skipped is reported
+        # from the statement's snapshot as locked rather than left out, where a caller
+        # would take it for a lost lease.
+        held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
+        locked = (
+            select(jobs.c.id)
+            .where(held)
+            .with_for_update(skip_locked=True)
+            .cte("locked")
+            .prefix_with("MATERIALIZED")
+        )
+        updated = (
+            update(jobs)
+            .where(jobs.c.id == locked.c.id)
+            .values(values)
+            .returning(jobs.c.id, jobs.c.lease_token)
+            .cte("updated")
+        )
+        skipped = (
+            select(jobs.c.id, jobs.c.lease_token, true().label("locked"))
+            .where(held)
+            .where(jobs.c.id.not_in(select(locked.c.id)))
+        )
+        return union_all(
+            select(updated.c.id, updated.c.lease_token, false().label("locked")), skipped
+        )
+
+
+#: The columns a settle matches its claim on, in the order of a :data:`Claim`.
+_FENCE_COLUMNS = (jobs.c.id, jobs.c.lease_token, jobs.c.attempts, jobs.c.started_at_ms)
 
 _DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLiteDialect(), PostgresDialect())}
 

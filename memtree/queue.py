@@ -40,6 +40,7 @@ from memtree.types import (
     JobFailure,
     JobStatus,
     NewJob,
+    SettledBatch,
     check_kind,
 )
 
@@ -274,15 +275,10 @@ class Queue:
         return settled
 
     def mark_done_many(self, done: Sequence[tuple[Job, Sequence[NewJob]]]) -> set[str]:
-        """Settle many claims ``done`` in one transaction, each fenced to its own lease;
-        returns the ids settled (the others' leases were lost)."""
-        with self.transaction() as conn:
-            settled = settle.mark_done_many(
-                conn, done, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
-            )
-        if any(followups for job, followups in done if job.id in settled):
-            wakeup.signal(self.engine)
-        return settled
+        """Settle many claims ``done`` in one transaction, each fenced to its own claim;
+        returns the ids settled. The others' leases were lost, or (PostgreSQL) another
+        session held their rows locked: :meth:`complete_and_claim` tells the two apart."""
+        return set(self.complete_and_claim(done, (), 0)[0].settled)
 
     def complete_and_claim(
         self,
@@ -290,13 +286,14 @@ class Queue:
         claims: Sequence[tuple[int, tuple[str, ...]]],
         limit: int,
         lock_duration_ms: int | None = None,
-    ) -> tuple[set[str], list[list[Job]]]:
-        """The worker's round trip: settle finished claims ``done`` (each fenced to its lease)
+    ) -> tuple[SettledBatch, list[list[Job]]]:
+        """The worker's round trip: settle finished claims ``done`` (each fenced to its claim)
         and claim new jobs, in one transaction, so one commit serves both.
 
         ``claims`` is a list of ``(cap, kinds)``, claimed in order, each taking at most its
-        cap and all together at most ``limit``. Returns the settled ids and one list of jobs
-        per entry of ``claims``.
+        cap and all together at most ``limit``. Returns what the settle did (a claim whose
+        row another session holds locked is skipped, not waited for: settle it again) and
+        one list of jobs per entry of ``claims``.
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         batches: list[list[Job]] = []
@@ -304,12 +301,12 @@ class Queue:
             if not done:
                 store.relax_claim_commit(conn)
             now = self.now_ms()
-            settled = (
+            outcome = (
                 settle.mark_done_many(
                     conn, done, now_ms=now, default_max_attempts=self.max_attempts
                 )
                 if done
-                else set()
+                else SettledBatch()
             )
             left = limit
             for cap, kinds in claims:
@@ -328,9 +325,9 @@ class Queue:
                 )
                 left -= len(claimed)
                 batches.append(claimed)
-        if any(followups for job, followups in done if job.id in settled):
+        if any(followups for job, followups in done if job.id in outcome.settled):
             wakeup.signal(self.engine)
-        return settled, batches
+        return outcome, batches
 
     def mark_failed(
         self, job: Job, error: object, failure: JobFailure | BaseException | None = None

@@ -1,11 +1,18 @@
 """Every state change after a claim: settle, recover, release, requeue.
 
-Each settle is *guarded*: its WHERE clause names the row, ``status = 'running'`` and
-the exact claim the :class:`Job` came from (its ``lease_token``, ``attempts`` and
-``started_at_ms``), and it reports whether it matched. A worker whose lease was
-recovered, re-claimed, or deferred and re-claimed (even within one millisecond)
-therefore changes nothing and gets ``False``. Jobs claimed by the original crate
-carry no token; they are fenced by ``attempts`` and ``started_at_ms`` as it did.
+Each settle, single or batched, is *guarded*: its WHERE clause names the row,
+``status = 'running'`` and the exact claim the :class:`Job` came from (its
+``lease_token``, ``attempts`` and ``started_at_ms``), and it reports whether it matched.
+A worker whose lease was recovered, re-claimed, or deferred and re-claimed (even within
+one millisecond) therefore changes nothing and gets ``False``. The token alone would not
+do: the original crate, sharing the table, neither writes nor clears it, so a row it
+recovered and claimed again still carries memtree's stale token; its claim moves
+``attempts`` and ``started_at_ms``. Jobs claimed by the crate carry no token; they are
+fenced by ``attempts`` and ``started_at_ms`` as it did.
+
+The batched settles (:func:`mark_done_many`, :func:`extend_leases`, a held
+:func:`release_running_locks`) run on the worker's loop thread, so on PostgreSQL they
+skip a row another session holds locked instead of waiting for it, and say so.
 
 Like :mod:`memtree.store`, these functions run on the caller's ``Connection`` or
 ``Session`` and never commit. See ``docs/states.md`` for the diagram.
@@ -19,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Executable,
     Update,
     and_,
     bindparam,
@@ -34,7 +42,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.elements import ColumnClause
 
 from memtree import store
-from memtree.dialects import dialect_for
+from memtree.dialects import Claim, dialect_for
 from memtree.models import jobs
 from memtree.store import FAILED, READY, RUNNING, Executor
 from memtree.types import (
@@ -46,6 +54,7 @@ from memtree.types import (
     Job,
     JobFailure,
     NewJob,
+    SettledBatch,
     backoff_ms,
     check_ms,
     find_failure,
@@ -293,37 +302,58 @@ _RELEASED: dict[str, Any] = {
 }
 
 
-def _claims(held: Sequence[Job]) -> list[tuple[str, str]]:
-    return [(job.id, job.lease_token) for job in held if job.lease_token is not None]
+def _claims(held: Sequence[Job]) -> list[Claim]:
+    return [
+        (job.id, job.lease_token, job.attempts, job.started_at_ms)
+        for job in held
+        if job.lease_token is not None
+    ]
 
 
 @cache
-def _held_statements(dialect_name: str) -> dict[str, Update]:
-    """The batched settles, fenced to each row's own claim, built once per database."""
-    held = dialect_for(dialect_name).holds_claims()
+def _held_statements(dialect_name: str) -> dict[str, Executable]:
+    """The batched settles, each row fenced to its own claim, built once per database.
+
+    Each returns ``(id, lease_token, locked)`` rows (see :meth:`Dialect.update_held`): a
+    row another session holds locked is skipped and reported, never waited for.
+    """
+    dialect = dialect_for(dialect_name)
     return {
-        "done": update(jobs)
-        .where(held)
-        .where(jobs.c.cancel_requested_at_ms.is_(None))
-        .values(
-            status=DONE,
-            completed_at_ms=bindparam("now"),
-            locked_until_ms=NULL,
-            last_error=NULL,
-        )
-        .returning(jobs.c.id, jobs.c.lease_token),
-        "extend": update(jobs)
-        .where(held)
-        .values(locked_until_ms=bindparam("until"))
-        .returning(jobs.c.id),
-        "release": update(jobs).where(held).values(_RELEASED),
+        "done": dialect.update_held(
+            {
+                "status": DONE,
+                "completed_at_ms": bindparam("now"),
+                "locked_until_ms": NULL,
+                "last_error": NULL,
+            },
+            also=jobs.c.cancel_requested_at_ms.is_(None),
+        ),
+        "extend": dialect.update_held({"locked_until_ms": bindparam("until")}),
+        "release": dialect.update_held(_RELEASED),
     }
 
 
-def _run_held(executor: Executor, which: str, held: Sequence[Job], params: dict[str, Any]) -> Any:
+def _run_held(
+    executor: Executor, which: str, held: Sequence[Job], params: dict[str, Any]
+) -> tuple[set[tuple[str, str]], set[str]]:
+    """Run a batched settle over the claims of ``held`` that carry a token: the
+    ``(id, lease_token)`` of each row it changed, and the ids of the rows it skipped
+    because another session holds them locked."""
+    claims = _claims(held)
+    if not claims:
+        return set(), set()
     dialect = store.dialect_of(executor)
     statement = _held_statements(dialect.name)[which]
-    return executor.execute(statement, {**params, **dialect.claims_params(_claims(held))})
+    changed: set[tuple[str, str]] = set()
+    locked: set[str] = set()
+    for job_id, token, skipped in executor.execute(
+        statement, {**params, **dialect.claims_params(claims)}
+    ).all():
+        if skipped:
+            locked.add(job_id)
+        else:
+            changed.add((job_id, token))
+    return changed, locked
 
 
 def mark_done_many(
@@ -332,39 +362,42 @@ def mark_done_many(
     *,
     now_ms: int,
     default_max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-) -> set[str]:
-    """Settle many claims ``done`` in one statement, each fenced to its own lease, and
-    enqueue the follow-ups of those that matched. Returns the ids settled.
+) -> SettledBatch:
+    """Settle many claims ``done`` in one statement, each fenced to its own claim, and
+    enqueue the follow-ups of those that matched.
 
     This is the worker's batched completer: jobs whose handlers wrote nothing through
-    the settlement session share one transaction instead of paying for one each.
+    the settlement session share one transaction instead of paying for one each. A row
+    another session holds locked is not waited for: it is reported ``locked``, to be
+    settled again.
     """
     matched: set[tuple[str, str | None]] = set()
-    if any(job.lease_token is not None for job, _ in done):
-        result = _run_held(executor, "done", [job for job, _ in done], {"now": now_ms})
-        matched.update((row[0], row[1]) for row in result.all())
+    changed, locked = _run_held(executor, "done", [job for job, _ in done], {"now": now_ms})
+    matched.update(changed)
     # Jobs the original crate claimed carry no token: fence them one by one.
     for job, _ in done:
         if job.lease_token is None and mark_done(executor, job, (), now_ms=now_ms):
             matched.add((job.id, None))
     # Only the claims that settled bring their follow-ups, not a stale claim of the same job.
     followups = [new for job, news in done if (job.id, job.lease_token) in matched for new in news]
-    settled = {job_id for job_id, _ in matched}
     if followups:
         store.enqueue_many(
             executor, followups, now_ms=now_ms, default_max_attempts=default_max_attempts
         )
-    return settled
+    return SettledBatch(frozenset(job_id for job_id, _ in matched), frozenset(locked))
 
 
 def extend_leases(
     executor: Executor, held: Sequence[Job], *, now_ms: int, lock_duration_ms: int
 ) -> set[str]:
-    """Heartbeat many claims in one statement; returns the ids whose lease is still held."""
+    """Heartbeat many claims in one statement; returns the ids whose lease is still held.
+
+    A row another session holds locked is not waited for: its lease is not extended this
+    time, but it is still held, so it is among the ids returned.
+    """
     until = store.saturating(now_ms + lock_duration_ms)
-    kept: set[str] = set()
-    if any(job.lease_token is not None for job in held):
-        kept.update(_run_held(executor, "extend", held, {"until": until}).scalars())
+    changed, locked = _run_held(executor, "extend", held, {"until": until})
+    kept = {job_id for job_id, _ in changed} | locked
     for job in held:
         if job.lease_token is None and extend_lease(
             executor, job, now_ms=now_ms, lock_duration_ms=lock_duration_ms
@@ -462,13 +495,13 @@ def release_running_locks(
 ) -> int:
     """Give running jobs back at a graceful shutdown, attempt returned.
 
-    With ``held``, only those claims are released (a worker releases its own leases);
-    without it, every running row is.
+    With ``held``, only those claims are released (a worker releases its own leases),
+    each fenced to its claim; without it, every running row is.
     """
     if held is not None:
-        if not any(job.lease_token is not None for job in held):
-            return 0
-        return store.rowcount(_run_held(executor, "release", held, {"now": now_ms}))
+        # A row another session holds locked is skipped, not waited for (its lease
+        # expires and recovery returns it).
+        return len(_run_held(executor, "release", held, {"now": now_ms})[0])
     statement = update(jobs).where(jobs.c.status == RUNNING).values(_RELEASED)
     return store.rowcount(executor.execute(statement, {"now": now_ms}))
 

@@ -36,6 +36,7 @@ __all__ = [
     "JobKind",
     "JobStatus",
     "NewJob",
+    "SettledBatch",
     "backoff_ms",
     "find_failure",
     "is_retired_kind",
@@ -106,6 +107,21 @@ class CancelOutcome(StrEnum):
     REQUESTED = "requested"
     #: The job had already finished (done, failed or cancelled): nothing changed.
     FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class SettledBatch:
+    """What a batched ``done`` settle (:meth:`memtree.Queue.complete_and_claim`) did.
+
+    A claim of the batch is in ``settled``, or in ``locked``, or in neither: then its
+    lease was lost (recovered, released, claimed again) or its job was asked to stop.
+    """
+
+    #: The jobs settled ``done``.
+    settled: frozenset[str] = frozenset()
+    #: Jobs still held by their claim whose row another session holds locked
+    #: (PostgreSQL): skipped rather than waited for, not settled; settle them again.
+    locked: frozenset[str] = frozenset()
 
 
 def is_retired_kind(kind: str) -> bool:

@@ -33,7 +33,7 @@ from memtree import settle, store, tracing, wakeup
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
-from memtree.types import Job, JobKind, NewJob, check_kind
+from memtree.types import Job, JobKind, NewJob, SettledBatch, check_kind
 
 if TYPE_CHECKING:
     from memtree.metrics import Metrics
@@ -55,6 +55,8 @@ _EVENT_LOCK = threading.Lock()
 
 # The longest a finished job waits to be settled in a batch with others.
 _FLUSH_DELAY_S = 0.01
+#: How soon a finished job whose row another session held locked is settled again.
+_LOCKED_RETRY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,8 +542,8 @@ class Worker:
                 self._completed[:0] = taken
                 self._completed_since = time.monotonic()
             return 0
-        settled, batches = result
-        self._finish_batch(taken, settled)
+        outcome, batches = result
+        self._finish_batch(taken, outcome)
         claimed = 0
         now_ms = self.queue.now_ms()
         traced = tracing.enabled()
@@ -799,14 +801,22 @@ class Worker:
             batch, self._completed = self._completed, []
         if not batch:
             return
-        settled = self._retrying(
-            lambda: self.queue.mark_done_many([(c.job, c.followups) for c in batch])
+        outcome = self._retrying(
+            lambda: self.queue.complete_and_claim([(c.job, c.followups) for c in batch], (), 0)
         )
-        self._finish_batch(batch, settled)
+        self._finish_batch(batch, None if outcome is None else outcome[0])
 
-    def _finish_batch(self, batch: list[_Completed], settled: set[str] | None) -> None:
-        """Count the runs of a batched settle (``settled``: the ids that matched, or
-        ``None`` when the database stayed away); the rest go through :meth:`_finish`."""
+    def _finish_batch(self, batch: list[_Completed], outcome: SettledBatch | None) -> None:
+        """Count the runs of a batched settle (``outcome``, or ``None`` when the database
+        stayed away); a job whose row another session held locked is settled again later,
+        the rest go through :meth:`_finish`."""
+        settled = None if outcome is None else outcome.settled
+        if outcome is not None and outcome.locked:
+            locked = [c for c in batch if c.job.id in outcome.locked]
+            with self._lock:
+                self._completed[:0] = locked
+                self._completed_since = time.monotonic() + _LOCKED_RETRY_S
+            batch = [c for c in batch if c.job.id not in outcome.locked]
         matched = [c for c in batch if settled is not None and c.job.id in settled]
         with self._lock:
             self._settled += len(matched)
@@ -961,12 +971,18 @@ class Worker:
     def _shutdown(self) -> None:
         self._stopping.set()
         deadline = time.monotonic() + self.shutdown_grace_s
-        while self.running_jobs and time.monotonic() < deadline:
+        while (self.running_jobs or self._completed) and time.monotonic() < deadline:
             self._flush_completed()
             self._heartbeat()
             self._wake.wait(0.05)
             self._wake.clear()
         self._flush_completed()
+        if self._completed:
+            log.error(
+                "shutdown grace over: %d finished jobs were not settled (another session "
+                "held their rows locked); they run again when their leases expire",
+                len(self._completed),
+            )
         unfinished = self.running_jobs
         if unfinished:
             # Only this worker's own leases: another worker's are not ours to release.

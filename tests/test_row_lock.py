@@ -1,0 +1,94 @@
+"""Another session's row lock (PostgreSQL): the worker's loop never waits on it.
+
+A host transaction holding ``SELECT ... FOR UPDATE`` on a running job's row used to
+stall a worker whose handlers do not use ``ctx.session``: the heartbeat's and the
+batched settle's UPDATEs waited on the lock on the loop thread, so nothing else was
+claimed or settled until the host let go.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy
+from sqlalchemy import text
+
+from memtree import JobStatus, NewJob, Queue
+from memtree.worker import Handlers, JobContext, Worker
+from tests.test_worker import Running, wait_for
+
+#: Row locks are PostgreSQL's: the suite's database fixture, on PostgreSQL only.
+on_postgresql = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
+)
+
+OTHERS = 200
+#: How long the host holds its lock.
+LOCK_HELD_S = 8.0
+
+
+@on_postgresql
+def test_a_host_row_lock_stalls_neither_claims_nor_settles_of_other_jobs(
+    wall_queue: Queue, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Of two running jobs whose rows the host locks, one finishes during the lock (its
+    batched done settle meets the lock) and one runs through it (its heartbeats meet the
+    lock); 200 other jobs complete meanwhile, and both locked jobs complete once, after
+    the host lets go, neither taken for a lost lease."""
+    queue = wall_queue
+    runs: Counter[str] = Counter()
+    runs_lock = threading.Lock()
+    running = {"finishes": threading.Event(), "runs_through": threading.Event()}
+    lock_taken, lock_released = threading.Event(), threading.Event()
+
+    def record(ctx: JobContext) -> None:
+        with runs_lock:
+            runs[ctx.job.id] += 1
+
+    handlers = Handlers()
+
+    @handlers.register("locked")
+    def locked(ctx: JobContext) -> None:
+        record(ctx)
+        running[ctx.payload].set()
+        lock_taken.wait(30)
+        if ctx.payload == "runs_through":
+            lock_released.wait(30)
+
+    handlers.register("work")(record)
+
+    targets = queue.enqueue_many([NewJob("locked", name) for name in running])
+    worker = Worker(queue, handlers, concurrency=4, gates=(), heartbeat_interval_ms=200)
+    host = sqlalchemy.create_engine(db_url)
+    done: Callable[[], int] = lambda: queue.count_by_status(JobStatus.DONE)  # noqa: E731
+    try:
+        with caplog.at_level(logging.WARNING, logger="memtree"), Running(worker):
+            for event in running.values():
+                assert event.wait(20), "the locked jobs did not start"
+            with host.connect() as conn, conn.begin():
+                conn.execute(
+                    text("SELECT id FROM mem_tree_jobs WHERE id = ANY(:ids) FOR UPDATE"),
+                    {"ids": targets},
+                )
+                lock_taken.set()
+                queue.enqueue_many([NewJob("work", i) for i in range(OTHERS)])
+                locked_at = time.monotonic()
+                wait_for(lambda: done() == OTHERS, timeout=LOCK_HELD_S)
+                others_done_s = time.monotonic() - locked_at
+                time.sleep(max(LOCK_HELD_S - others_done_s, 0))  # heartbeats meet the lock
+                assert done() == OTHERS, "a locked job was settled through the host's lock"
+                lock_released.set()
+            wait_for(lambda: done() == OTHERS + 2, timeout=20)
+    finally:
+        host.dispose()
+    assert others_done_s < LOCK_HELD_S / 2, f"the others took {others_done_s:.1f}s"
+    assert len(runs) == OTHERS + 2 and set(runs.values()) == {1}, "a job ran twice"
+    for job_id in targets:
+        job = queue.get_job(job_id or "")
+        assert job is not None and job.status is JobStatus.DONE and job.attempts == 1
+    assert "lease" not in caplog.text, "a locked job was taken for a lost lease"
