@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy import text
 
-from memtree import JobStatus, NewJob, Queue
+from memtree import JobStatus, NewJob, Queue, SettledBatch
 from memtree.worker import Handlers, JobContext, Worker
 from tests.test_worker import Running, wait_for
 
@@ -92,3 +92,36 @@ def test_a_host_row_lock_stalls_neither_claims_nor_settles_of_other_jobs(
         job = queue.get_job(job_id or "")
         assert job is not None and job.status is JobStatus.DONE and job.attempts == 1
     assert "lease" not in caplog.text, "a locked job was taken for a lost lease"
+
+
+@on_postgresql
+def test_batched_settles_skip_a_row_another_session_locks_and_say_it_is_still_held(
+    queue: Queue, db_url: str
+) -> None:
+    """Without waiting: the locked claim is reported locked (and held, for the heartbeat),
+    a stale claim of a locked row is reported neither, and the others settle."""
+    queue.enqueue_many([NewJob("a", i) for i in range(3)])
+    held, stale_of, free = queue.claim_batch(3)
+    assert queue.release_running_locks([stale_of]) == 1
+    current = queue.claim_next()
+    assert current is not None and current.id == stale_of.id
+    host = sqlalchemy.create_engine(db_url)
+    try:
+        with host.connect() as conn, conn.begin():
+            # Should a settle wait after all, the server ends this session and the test fails
+            # instead of hanging on a lock its own thread holds.
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '10s'"))
+            conn.execute(
+                text("SELECT id FROM mem_tree_jobs WHERE id = ANY(:ids) FOR UPDATE"),
+                {"ids": [held.id, stale_of.id]},
+            )
+            before = {job.id: queue.get_job(job.id) for job in (held, stale_of)}
+            assert queue.extend_leases([held, stale_of, free]) == {held.id, free.id}
+            assert queue.release_running_locks([held, stale_of]) == 0
+            outcome, _ = queue.complete_and_claim([(held, []), (stale_of, []), (free, [])], (), 0)
+            assert outcome == SettledBatch(frozenset({free.id}), frozenset({held.id}))
+            assert {job.id: queue.get_job(job.id) for job in (held, stale_of)} == before
+        outcome, _ = queue.complete_and_claim([(held, [])], (), 0)
+        assert outcome == SettledBatch(frozenset({held.id}))
+    finally:
+        host.dispose()
