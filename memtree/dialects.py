@@ -137,9 +137,10 @@ class Dialect:
     ) -> Executable:
         """An UPDATE applying ``values`` to every row :meth:`holds_claims` (and ``also``)
         selects, returning ``(id, lease_token, locked)`` rows: ``locked`` false for each
-        row it updated and, where rows have locks, true for each row that matched but that
-        another transaction holds locked, which it skips instead of waiting for. A caller
-        settles a skipped row again later; it is neither settled nor lost."""
+        row it updated and, where rows have locks, true for each row still under one of
+        the claims (whatever ``also`` says) that another transaction holds locked, which
+        it skips instead of waiting for. A caller settles a skipped row again later; it is
+        neither settled nor lost."""
         held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
         return (
             update(jobs)
@@ -172,10 +173,10 @@ class SQLiteDialect(Dialect):
             literal_column("+mem_tree_jobs.status") == literal_column("'running'"),
             tuple_(*_FENCE_COLUMNS).in_(
                 select(
-                    *(
-                        func.json_extract(pairs.c.value, literal_column(f"'$[{i}]'"))
-                        for i in range(len(_FENCE_COLUMNS))
-                    )
+                    func.json_extract(pairs.c.value, literal_column("'$[0]'")),
+                    func.json_extract(pairs.c.value, literal_column("'$[1]'")),
+                    func.json_extract(pairs.c.value, literal_column("'$[2]'")),
+                    func.json_extract(pairs.c.value, literal_column("'$[3]'")),
                 )
             ),
         )
@@ -260,8 +261,10 @@ class PostgresDialect(Dialect):
         # session (a host's SELECT ... FOR UPDATE, a handler's open transaction): the rows
         # are locked with SKIP LOCKED first, and a held row that was skipped is reported
         # from the statement's snapshot as locked rather than left out, where a caller
-        # would take it for a lost lease.
-        held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
+        # would take it for a lost lease. ``also`` applies once the row is locked, so a
+        # locked row it would refuse (a cancel requested) is retried too, not handed to a
+        # follow-up statement that would wait on the lock.
+        held = self.holds_claims()
         locked = (
             select(jobs.c.id)
             .where(held)
@@ -269,12 +272,11 @@ class PostgresDialect(Dialect):
             .cte("locked")
             .prefix_with("MATERIALIZED")
         )
-        updated = (
-            update(jobs)
-            .where(jobs.c.id == locked.c.id)
-            .values(values)
-            .returning(jobs.c.id, jobs.c.lease_token)
-            .cte("updated")
+        updated = update(jobs).where(jobs.c.id == locked.c.id)
+        if also is not None:
+            updated = updated.where(also)
+        updated_rows = (
+            updated.values(values).returning(jobs.c.id, jobs.c.lease_token).cte("updated")
         )
         skipped = (
             select(jobs.c.id, jobs.c.lease_token, true().label("locked"))
@@ -282,7 +284,8 @@ class PostgresDialect(Dialect):
             .where(jobs.c.id.not_in(select(locked.c.id)))
         )
         return union_all(
-            select(updated.c.id, updated.c.lease_token, false().label("locked")), skipped
+            select(updated_rows.c.id, updated_rows.c.lease_token, false().label("locked")),
+            skipped,
         )
 
 

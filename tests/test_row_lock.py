@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy import text
 
-from memtree import JobStatus, NewJob, Queue, SettledBatch
+from memtree import CancelOutcome, JobStatus, NewJob, Queue, SettledBatch
 from memtree.worker import Handlers, JobContext, Worker
 from tests.test_worker import Running, wait_for
 
@@ -123,5 +123,31 @@ def test_batched_settles_skip_a_row_another_session_locks_and_say_it_is_still_he
             assert {job.id: queue.get_job(job.id) for job in (held, stale_of)} == before
         outcome, _ = queue.complete_and_claim([(held, [])], (), 0)
         assert outcome == SettledBatch(frozenset({held.id}))
+    finally:
+        host.dispose()
+
+
+@on_postgresql
+def test_a_locked_claim_asked_to_stop_is_retried_not_handed_on_to_wait_for_the_lock(
+    queue: Queue, db_url: str
+) -> None:
+    """A batched done refuses a run asked to stop, and the worker then ends it cancelled in
+    a statement of its own: while another session locks the row, the batch reports it
+    locked instead, so that statement never meets the lock."""
+    queue.enqueue(NewJob("a"))
+    job = queue.claim_next()
+    assert job is not None and queue.cancel(job.id) is CancelOutcome.REQUESTED
+    host = sqlalchemy.create_engine(db_url)
+    try:
+        with host.connect() as conn, conn.begin():
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '10s'"))
+            conn.execute(
+                text("SELECT id FROM mem_tree_jobs WHERE id = :id FOR UPDATE"), {"id": job.id}
+            )
+            outcome, _ = queue.complete_and_claim([(job, [])], (), 0)
+            assert outcome == SettledBatch(locked=frozenset({job.id}))
+        outcome, _ = queue.complete_and_claim([(job, [])], (), 0)
+        assert outcome == SettledBatch()
+        assert queue.mark_cancelled(job)
     finally:
         host.dispose()
