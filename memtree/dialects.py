@@ -165,9 +165,9 @@ class SQLiteDialect(Dialect):
 
     def holds_claims(self) -> ColumnElement[bool]:
         # One JSON array of [id, token, attempts, started] claims, each id looked up by
-        # primary key. Without
-        # ANALYZE statistics SQLite would rather walk every running row through the status
-        # index; the unary + (SQLite's own idiom) takes that index out of the choice.
+        # primary key. Without ANALYZE statistics SQLite would rather walk every running
+        # row through the status index; the unary + (SQLite's own idiom) takes that index
+        # out of the choice.
         pairs = func.json_each(bindparam("claims", type_=Text)).table_valued("value")
         return and_(
             literal_column("+mem_tree_jobs.status") == literal_column("'running'"),
