@@ -179,7 +179,10 @@ def memtree_statements_drain(path: Path) -> int:
         lite.execute("BEGIN IMMEDIATE")
         now = now_ms()
         if rows:
-            values = {"now": now, **dialect.claims_params([(row[0], row[15]) for row in rows])}
+            values = {
+                "now": now,
+                **dialect.claims_params([(row[0], row[15], row[5], row[11]) for row in rows]),
+            }
             params = settle_compiled.construct_params(values)
             lite.execute(settle_sql, [params[name] for name in settle_order]).fetchall()
         values = {"now": now, "until": now + 300_000, "token": uuid.uuid4().hex, "limit": BATCH}
