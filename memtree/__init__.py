@@ -4,7 +4,7 @@ Enqueue in the same transaction as your domain writes, claim under leases fenced
 their claim, settle exactly once. SQLite by default, PostgreSQL to scale.
 """
 
-from memtree.engine import create_engine
+from memtree.engine import configure_engine, create_engine
 from memtree.errors import (
     ConfigurationError,
     CorruptJobError,
@@ -37,9 +37,11 @@ from memtree.types import (
     backoff_ms,
     is_retired_kind,
 )
+from memtree.worker import DEFAULT_GATES, Defer, Gate, Handlers, JobContext, Worker
 
 __all__ = [
     "DEFAULT_CLAIM_ORDER",
+    "DEFAULT_GATES",
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
@@ -50,9 +52,13 @@ __all__ = [
     "ConfigurationError",
     "CorruptJobError",
     "DatabaseError",
+    "Defer",
     "FailureClass",
+    "Gate",
+    "Handlers",
     "InvalidJobError",
     "Job",
+    "JobContext",
     "JobFailure",
     "JobKind",
     "JobStatus",
@@ -65,7 +71,9 @@ __all__ = [
     "SchemaNewerError",
     "SchemaOutdatedError",
     "UnsupportedDatabaseError",
+    "Worker",
     "backoff_ms",
+    "configure_engine",
     "create_engine",
     "enqueue",
     "enqueue_async",

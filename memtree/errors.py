@@ -4,7 +4,7 @@ The hierarchy::
 
     MemtreeError
     ├── InvalidJobError          bad input to enqueue; nothing was written
-    ├── ConfigurationError       a Queue or Worker setting that cannot work
+    ├── ConfigurationError       a setting, handler or argument memtree cannot work with
     ├── SchemaError              the database and this memtree disagree on the schema
     │   ├── SchemaMissingError   no memtree schema at all: run ``memtree db upgrade``
     │   ├── SchemaOutdatedError  an older memtree schema: run ``memtree db upgrade``
@@ -45,7 +45,9 @@ class InvalidJobError(MemtreeError, ValueError):
 
 
 class ConfigurationError(MemtreeError, ValueError):
-    """A setting rejected when the queue or worker was built."""
+    """A setting, handler or argument rejected where it was given (a Queue or Worker
+    setting when it is built, a handler when it is registered, a session of the wrong
+    kind when it is passed)."""
 
 
 class SchemaError(MemtreeError):

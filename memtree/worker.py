@@ -14,6 +14,7 @@ never touches the session is settled with others in one batched statement.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import queue as queue_module
@@ -21,15 +22,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
+from memtree.engine import handler_connection
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
@@ -184,18 +187,73 @@ class JobContext:
         return self.queue.now_ms()
 
     def _close(self, *, commit: bool) -> None:
-        if self._session is None:
+        session = self._session
+        if session is None:
             return
         try:
             if commit:
-                self._session.commit()
+                session.commit()
             else:
-                self._session.rollback()
+                session.rollback()
         finally:
-            self._session.close()
+            session.close()
+            release = session.info.pop(_RELEASE_CONNECTION, None)
+            if release is not None:
+                release()
 
 
 Handler: TypeAlias = Callable[[JobContext], "Defer | None"]
+
+#: ``Session.info`` key: closes the handler connection a session was bound to.
+_RELEASE_CONNECTION = "memtree.release_connection"
+
+
+def _check_handler(kind: str, handler: object) -> None:
+    """A handler memtree can run, or :class:`ConfigurationError` now, at registration."""
+    if not callable(handler):
+        raise ConfigurationError(f"the handler for {kind!r} is not callable")
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's own method
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        raise ConfigurationError(
+            f"the handler for {kind!r} is an async def: memtree's worker runs handlers in "
+            "threads and has no asyncio executor yet, so it would never be awaited. Write "
+            "it as a plain def (run a coroutine inside it with asyncio.run(...))"
+        )
+
+
+def _session_opener(
+    queue: Queue, session_factory: Callable[[], Session] | None = None
+) -> Callable[[], Session]:
+    """What builds ``ctx.session``: ``session_factory``, or a ``Session`` on the queue's engine.
+
+    On SQLite the session is bound to a :func:`memtree.engine.handler_connection`, whose
+    transaction begins at its first write, so a handler that reads and then waits holds
+    no lock meanwhile. That holds for the default and for any ``sessionmaker`` bound to a
+    SQLite engine (it is called with the connection as ``bind``); another callable's
+    sessions begin as that callable set them up.
+    """
+    factory: Callable[[], Session] = (
+        session_factory if session_factory is not None else sessionmaker()
+    )
+    if not isinstance(factory, sessionmaker):
+        return factory
+    bind = factory.kw.get("bind") or queue.engine
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return factory if session_factory is not None else sessionmaker(bind=bind)
+    engine = bind
+
+    def open_session() -> Session:
+        stack = ExitStack()
+        conn = stack.enter_context(handler_connection(engine))
+        try:
+            session: Session = factory(bind=conn)
+        except BaseException:
+            stack.close()
+            raise
+        session.info[_RELEASE_CONNECTION] = stack.close
+        return session
+
+    return open_session
 
 
 class Handlers(dict[str, Handler]):
@@ -211,6 +269,7 @@ class Handlers(dict[str, Handler]):
         check_kind(kind)
 
         def decorate(handler: Handler) -> Handler:
+            _check_handler(kind, handler)
             if kind in self:
                 raise ConfigurationError(f"a handler for {kind!r} is already registered")
             self[kind] = handler
@@ -320,8 +379,7 @@ class Worker:
                 check_kind(kind)
             except ValueError as exc:
                 raise ConfigurationError(f"handler kind: {exc}") from None
-            if not callable(handler):
-                raise ConfigurationError(f"the handler for {kind!r} is not callable")
+            _check_handler(kind, handler)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
         self.queue = queue
@@ -346,7 +404,7 @@ class Worker:
         self.retention_ms = retention_ms
         self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
-        self._session_factory = session_factory or sessionmaker(bind=queue.engine)
+        self._session_factory = _session_opener(queue, session_factory)
 
         self.gates = tuple(gates)
         self._gate_of: dict[str, Gate] = {}
