@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,12 @@ def test_threads_claiming_on_the_applications_own_engine_settle_every_job_once(
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    engine.dispose()
-    assert errors == []
-    assert len(settled) == 600 and set(settled.values()) == {1}
-    assert queue.count_by_status(JobStatus.DONE) == 600
+    try:
+        assert errors == []
+        assert len(settled) == 600 and set(settled.values()) == {1}
+        assert queue.count_by_status(JobStatus.DONE) == 600
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.sqlite
@@ -87,6 +90,8 @@ def test_queue_sets_up_the_applications_sqlite_engine_and_keeps_its_longer_timeo
     patient = sqlalchemy.create_engine(url, connect_args={"timeout": 60})
     Queue(patient)
     assert pragma(patient, "busy_timeout") == 60_000
+    plain.dispose()
+    patient.dispose()
 
 
 @pytest.mark.sqlite
@@ -102,9 +107,11 @@ def test_configure_engine_can_keep_the_files_journal_mode(tmp_path: Path) -> Non
     with pytest.raises(ConfigurationError, match="journal_mode"):
         memtree.configure_engine(sqlalchemy.create_engine(url), sqlite_journal_mode="fast")
 
+    engine.dispose()
     own = memtree.create_engine(url, sqlite_journal_mode="TRUNCATE")
     assert pragma(own, "journal_mode") == "truncate"
     assert pragma(own, "synchronous") == 2, "a rollback journal needs synchronous=FULL"
+    own.dispose()
 
 
 @pytest.mark.sqlite
@@ -120,6 +127,7 @@ def test_memtrees_own_transaction_takes_the_write_lock_up_front_on_any_engine(
     other.execute("BEGIN IMMEDIATE")
     other.execute("ROLLBACK")
     other.close()
+    queue.engine.dispose()
 
 
 @pytest.fixture(
@@ -129,14 +137,17 @@ def test_memtrees_own_transaction_takes_the_write_lock_up_front_on_any_engine(
         pytest.param("keep", id="rollback-journal", marks=pytest.mark.sqlite),
     ]
 )
-def lock_rule_engine(request: pytest.FixtureRequest, db_url: str) -> Engine:
+def lock_rule_engine(request: pytest.FixtureRequest, db_url: str) -> Iterator[Engine]:
     if request.param == "keep" and not db_url.startswith("sqlite"):
         pytest.skip("journal modes are SQLite's")
     if request.param == "memtree":
-        return memtree.create_engine(db_url)
-    if request.param == "app":
-        return sqlalchemy.create_engine(memtree.engine.normalize_url(db_url))
-    return memtree.create_engine(db_url, sqlite_journal_mode=None)
+        engine = memtree.create_engine(db_url)
+    elif request.param == "app":
+        engine = sqlalchemy.create_engine(memtree.engine.normalize_url(db_url))
+    else:
+        engine = memtree.create_engine(db_url, sqlite_journal_mode=None)
+    yield engine
+    engine.dispose()
 
 
 @pytest.mark.parametrize("custom_factory", [False, True], ids=["default-session", "sessionmaker"])
@@ -179,7 +190,6 @@ def test_a_handler_that_reads_then_waits_does_not_hold_the_write_lock(
         notes = sorted(session.scalars(select(Note.text)))
     assert len(notes) == 2 and notes[0] == "the application's own write"
     assert queue.count_by_status(JobStatus.DONE) == 1
-    engine.dispose()
 
 
 def test_a_handler_session_holds_the_write_lock_from_its_first_write_to_the_commit(
