@@ -8,6 +8,8 @@ the revision matching the table's layout and upgrades from there, so rows are ke
 Host applications can instead pull memtree's revisions into their own history with
 :func:`version_location` and the ``memtree`` branch label (see ``docs/migrations.md``);
 :func:`schema_revision` then finds memtree's revision in the host's version table.
+Either way a host's own environment passes :func:`host_include_object`, so its
+autogenerate and ``alembic check`` leave memtree's tables alone.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "current",
     "downgrade",
     "head_revision",
+    "host_include_object",
     "include_object",
     "known_revisions",
     "offline_sql",
@@ -58,6 +61,8 @@ BRANCH_LABEL = "memtree"
 HOST_VERSION_TABLE = "alembic_version"
 # Any constant works; it only has to be the same in every memtree process.
 _PG_MIGRATION_LOCK = 0x6D656D74  # "memt"
+#: The tables memtree's schema consists of: its jobs and its own version table.
+_MEMTREE_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
 
 
 def script_location() -> Path:
@@ -76,21 +81,38 @@ def version_location() -> str:
     return str(script_location() / "versions")
 
 
+def _table_of(obj: Any, name: str | None, type_: str) -> str | None:
+    """The table an object of an ``include_object`` hook is or belongs to, if any."""
+    if type_ == "table":
+        return name
+    table = getattr(obj, "table", None)
+    return None if table is None else str(table.name)
+
+
 def include_object(
     obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
-    """An Alembic ``include_object`` hook that keeps only memtree's table.
+    """memtree's own ``include_object`` hook: keep only memtree's tables.
 
-    memtree's environment uses it so the host's tables are never drift; a host's own
-    environment can use the opposite (``not include_object(...)``) to leave memtree's
-    table to memtree.
+    memtree's environment uses it so the host's tables are never drift. It keeps
+    ``memtree_alembic_version`` too (Alembic already leaves an environment's own
+    version table out), so that the negation, ``not include_object(...)``, which
+    earlier docs gave hosts, leaves both of memtree's tables alone as well.
     """
-    if type_ == "table":
-        return name == TABLE_NAME
-    table = getattr(obj, "table", None)
-    if table is not None:
-        return bool(table.name == TABLE_NAME)
-    return True
+    table = _table_of(obj, name, type_)
+    return table is None or table in _MEMTREE_TABLES
+
+
+def host_include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """The ``include_object`` hook for a host application's Alembic environment.
+
+    It leaves out ``mem_tree_jobs`` (its columns, indexes and constraints) and
+    ``memtree_alembic_version``, so the host's autogenerate never writes a drop of
+    either and its ``alembic check`` never reports them. Everything else is kept.
+    """
+    return _table_of(obj, name, type_) not in _MEMTREE_TABLES
 
 
 def tolerate_sqlite_nullable_primary_key(

@@ -1,0 +1,101 @@
+"""A host application's own Alembic project next to memtree, driven by the real commands.
+
+Each test builds a project of its own in a temporary directory: an ``alembic.ini``, the
+``env.py`` and script template of ``tests/host_app`` (which use the filter
+``docs/migrations.md`` gives, ``memtree.migration.host_include_object``) and a
+``versions/`` directory. The venv's ``alembic`` and ``memtree`` commands run in
+subprocesses, on SQLite and PostgreSQL (``db_url``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from memtree import migration
+
+BIN = Path(sys.executable).parent
+HOST_APP = Path(__file__).resolve().parent / "host_app"
+HEAD = "memtree_0004"
+
+
+def make_project(root: Path, db_url: str, *, memtree_revisions: bool, own_revision: bool) -> Path:
+    """A host project at ``root``: memtree's revisions in its history or not, with or
+    without its first revision (``host_0001``, which creates ``host_orders``)."""
+    shutil.copytree(
+        HOST_APP, root / "migrations", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    if not own_revision:
+        for revision in (root / "migrations" / "versions").glob("*.py"):
+            revision.unlink()
+    locations = ["%(here)s/migrations/versions"]
+    if memtree_revisions:
+        locations.append(migration.version_location().replace("%", "%%"))
+    ini = [
+        "[alembic]",
+        "script_location = %(here)s/migrations",
+        # Alembic >= 1.16 reads path_separator, older ones version_path_separator.
+        "path_separator = os",
+        "version_path_separator = os",
+        f"version_locations = {os.pathsep.join(locations)}",
+        f"sqlalchemy.url = {db_url.replace('%', '%%')}",
+    ]
+    (root / "alembic.ini").write_text("\n".join(ini) + "\n")
+    return root
+
+
+def alembic(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "alembic"), *args], cwd=project, capture_output=True, text=True, timeout=120
+    )
+
+
+def memtree(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MEMTREE_DATABASE_URL"}
+    return subprocess.run(
+        [str(BIN / "memtree"), "--database-url", db_url, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"{result.args}\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def new_revisions(project: Path, before: set[Path]) -> list[Path]:
+    return sorted(set((project / "migrations" / "versions").glob("*.py")) - before)
+
+
+def memtree_revision_files() -> set[str]:
+    return {path.name for path in Path(migration.version_location()).glob("*.py")}
+
+
+def test_host_autogenerate_and_check_leave_memtrees_own_tables_alone(
+    db_url: str, tmp_path: Path
+) -> None:
+    """memtree in its own version table; the host's autogenerate drops neither of its tables."""
+    project = make_project(tmp_path, db_url, memtree_revisions=False, own_revision=True)
+    ok(memtree(db_url, "db", "upgrade"))
+    ok(alembic(project, "upgrade", "head"))
+
+    assert "No new upgrade operations detected" in ok(alembic(project, "check"))
+    before = set((project / "migrations" / "versions").glob("*.py"))
+    ok(alembic(project, "revision", "--autogenerate", "-m", "nothing new"))
+    (script,) = new_revisions(project, before)
+    generated = script.read_text()
+    assert "drop_table" not in generated
+    assert "mem_tree_jobs" not in generated
+    assert migration.VERSION_TABLE not in generated
+    assert "op." not in generated  # an empty revision: no operation at all
+
+    ok(alembic(project, "upgrade", "head"))
+    assert "No new upgrade operations detected" in ok(alembic(project, "check"))
+    assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+    ok(memtree(db_url, "db", "check"))
