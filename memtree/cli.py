@@ -147,6 +147,25 @@ def downgrade(obj: Context, revision: str) -> None:
 @db.command()
 @click.pass_obj
 @_one_line_errors
+def stamp(obj: Context) -> None:
+    """Record the revision mem_tree_jobs' layout matches, if memtree_alembic_version was lost."""
+    engine = obj.engine()
+    try:
+        stamped = migration.stamp(engine)
+        revision = migration.current(engine)
+        if stamped is None:
+            click.echo(f"{migration.VERSION_TABLE} already records {revision}: nothing to stamp")
+            return
+        head = migration.head_revision()
+        advice = "" if stamped == head else f"; `memtree db upgrade` brings it to {head}"
+        click.echo(f"stamped {stamped}: {_safe_url(obj.database_url)} is at {revision}{advice}")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@click.pass_obj
+@_one_line_errors
 def current(obj: Context) -> None:
     """Print the database's memtree revision."""
     engine = obj.engine()

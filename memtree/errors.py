@@ -8,6 +8,7 @@ The hierarchy::
     ├── SchemaError              the database and this memtree disagree on the schema
     │   ├── SchemaMissingError   no memtree schema at all: run ``memtree db upgrade``
     │   ├── SchemaOutdatedError  an older memtree schema: run ``memtree db upgrade``
+    │   │                        (a lost revision record: run ``memtree db stamp``)
     │   └── SchemaNewerError     the database was migrated by a newer memtree
     ├── CorruptJobError          a stored row memtree cannot read (reported with its id)
     ├── UnsupportedDatabaseError a database memtree has no dialect for
@@ -66,11 +67,16 @@ class SchemaMissingError(SchemaError):
 
 
 class SchemaOutdatedError(SchemaError):
-    """The database was migrated by an older memtree."""
+    """The database was migrated by an older memtree, or its revision record was lost.
 
-    def __init__(self, current: str, head: str) -> None:
+    ``message``, when given, replaces the advice to upgrade (a lost record is mended
+    with ``memtree db stamp`` first).
+    """
+
+    def __init__(self, current: str, head: str, message: str | None = None) -> None:
         super().__init__(
-            f"the database's memtree schema is at revision {current}, this memtree needs "
+            message
+            or f"the database's memtree schema is at revision {current}, this memtree needs "
             f"{head}: run `memtree db upgrade` (or Queue.migrate())"
         )
         self.current = current

@@ -188,6 +188,8 @@ class Queue:
         if revision is None:
             from sqlalchemy import inspect
 
+            if migration.revision_lost(conn):
+                raise SchemaOutdatedError("unrecorded", head, migration.LOST_REVISION)
             if inspect(conn).has_table("mem_tree_jobs"):
                 raise SchemaOutdatedError("the original's unversioned table", head)
             raise SchemaMissingError()

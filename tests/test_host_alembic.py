@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sqlalchemy import create_engine, inspect, text
+
 from memtree import migration
 
 BIN = Path(sys.executable).parent
@@ -69,12 +71,15 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
+def one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, f"{result.args}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
 def new_revisions(project: Path, before: set[Path]) -> list[Path]:
     return sorted(set((project / "migrations" / "versions").glob("*.py")) - before)
-
-
-def memtree_revision_files() -> set[str]:
-    return {path.name for path in Path(migration.version_location()).glob("*.py")}
 
 
 def test_host_autogenerate_and_check_leave_memtrees_own_tables_alone(
@@ -99,3 +104,35 @@ def test_host_autogenerate_and_check_leave_memtrees_own_tables_alone(
     assert "No new upgrade operations detected" in ok(alembic(project, "check"))
     assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
     ok(memtree(db_url, "db", "check"))
+
+
+def test_a_dropped_memtree_version_table_is_mended_by_memtree_db_stamp(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The state an unfiltered host autogenerate leaves: refused naming the one command that
+    mends it, and after that command everything works again."""
+    project = make_project(tmp_path, db_url, memtree_revisions=False, own_revision=True)
+    ok(memtree(db_url, "db", "upgrade"))
+    ok(alembic(project, "upgrade", "head"))
+    ok(memtree(db_url, "enqueue", "extract_chunk", "--payload", '{"chunk_id": "c1"}'))
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {migration.VERSION_TABLE}"))
+
+        for command in (["status"], ["db", "upgrade"], ["db", "check"]):
+            assert "run `memtree db stamp`" in one_line_failure(memtree(db_url, *command))
+
+        assert f"stamped {HEAD}" in ok(memtree(db_url, "db", "stamp"))
+        ok(memtree(db_url, "db", "check"))
+        assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+        assert '"ready": 1' in ok(memtree(db_url, "status", "--json"))
+        ok(memtree(db_url, "db", "upgrade"))
+        assert "nothing to stamp" in ok(memtree(db_url, "db", "stamp"))
+        assert "No new upgrade operations detected" in ok(alembic(project, "check"))
+        with engine.connect() as conn:
+            assert {"host_orders", "mem_tree_jobs", migration.VERSION_TABLE} <= set(
+                inspect(conn).get_table_names()
+            )
+    finally:
+        engine.dispose()

@@ -605,15 +605,101 @@ def test_adopted_database_still_reports_real_drift(
     assert "idx_mem_tree_jobs_kind" in str(caught.value)
 
 
-def test_migrate_refuses_a_table_with_memtree_columns_but_no_version_table(
-    engine: Engine,
+LOSSES = {
+    "dropped": f"DROP TABLE {migration.VERSION_TABLE}",
+    "emptied": f"DELETE FROM {migration.VERSION_TABLE}",
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_a_lost_revision_record_is_refused_naming_memtree_db_stamp(
+    engine: Engine, loss: str
+) -> None:
+    migration.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text(LOSSES[loss]))
+
+    with pytest.raises(SchemaOutdatedError, match="run `memtree db stamp`"):
+        Queue(engine).count_total()
+    with pytest.raises(SchemaError, match="run `memtree db stamp`"):
+        Queue(engine).migrate()
+    with pytest.raises(SchemaError, match="run `memtree db stamp`"):
+        migration.check(engine)
+    assert migration.current(engine) is None
+    assert job_columns(engine) == COLUMNS_AT[HEAD]
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_stamp_mends_a_lost_revision_record_and_keeps_the_rows(engine: Engine, loss: str) -> None:
+    queue = Queue(engine)
+    queue.migrate()
+    job_id = queue.enqueue(NewJob("k", {}))
+    with engine.begin() as conn:
+        conn.execute(text(LOSSES[loss]))
+
+    assert migration.stamp(engine) == HEAD
+    assert version_rows(engine, migration.VERSION_TABLE) == [HEAD]
+    migration.check(engine)
+    claimed = Queue(engine).claim_next()
+    assert claimed is not None
+    assert claimed.id == job_id
+    assert migration.stamp(engine) is None  # recorded now: nothing to do
+    assert version_rows(engine, migration.VERSION_TABLE) == [HEAD]
+
+
+@pytest.mark.parametrize("revision", HISTORY)
+def test_stamp_records_the_revision_whose_layout_the_table_has(
+    engine: Engine, revision: str
+) -> None:
+    migration.upgrade(engine, revision)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {migration.VERSION_TABLE}"))
+
+    assert migration.stamp(engine) == revision
+    assert migration.current(engine) == revision
+    migration.upgrade(engine)
+    migration.check(engine)
+
+
+def test_stamp_records_the_layout_of_the_original_table(
+    engine: Engine, original_db: list[dict[str, Any]]
+) -> None:
+    layout_revision = "memtree_0002" if "failure_class" in original_db[0] else "memtree_0001"
+    assert migration.stamp(engine) == layout_revision
+    migration.upgrade(engine)
+    assert migration.current(engine) == HEAD
+    assert Queue(engine).count_total() == len(original_db)
+
+
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        (f"DROP INDEX {CLAIM_INDEX}", f"missing index {CLAIM_INDEX} (kind, available_at_ms)"),
+        ("ALTER TABLE mem_tree_jobs ADD COLUMN extra_note TEXT", "unexpected column extra_note"),
+        (
+            "CREATE INDEX ix_jobs_extra ON mem_tree_jobs (completed_at_ms)",
+            "unexpected index ix_jobs_extra (completed_at_ms)",
+        ),
+    ],
+)
+def test_stamp_refuses_a_layout_that_matches_no_revision_exactly(
+    engine: Engine, change: str, difference: str
 ) -> None:
     migration.upgrade(engine)
     with engine.begin() as conn:
         conn.execute(text(f"DROP TABLE {migration.VERSION_TABLE}"))
-    with pytest.raises(SchemaError, match="upgrade through it"):
-        Queue(engine).migrate()
+        conn.execute(text(change))
+
+    with pytest.raises(SchemaError, match="matches no memtree revision exactly") as caught:
+        migration.stamp(engine)
+    assert f"closest is {HEAD}: {difference}" in str(caught.value)
     assert migration.VERSION_TABLE not in table_names(engine)
+
+
+def test_stamp_refuses_a_database_without_memtrees_table(engine: Engine) -> None:
+    with pytest.raises(SchemaError, match="`memtree db upgrade` creates it"):
+        migration.stamp(engine)
+    assert table_names(engine) == set()
 
 
 # -- schema errors ------------------------------------------------------------------------
@@ -955,6 +1041,15 @@ def test_a_database_moves_from_memtrees_version_table_into_the_host_history(
     claimed = Queue(engine).claim_next()
     assert claimed is not None
     assert claimed.id == job_id
+
+
+def test_stamp_refuses_a_schema_the_host_history_manages(
+    engine: Engine, host_alembic: Callable[..., None]
+) -> None:
+    host_alembic(command.upgrade, "heads")
+    with pytest.raises(SchemaError, match="alembic_version"):
+        migration.stamp(engine)
+    assert migration.VERSION_TABLE not in table_names(engine)
 
 
 def test_check_compares_a_schema_the_host_history_manages(
