@@ -82,6 +82,10 @@ def new_revisions(project: Path, before: set[Path]) -> list[Path]:
     return sorted(set((project / "migrations" / "versions").glob("*.py")) - before)
 
 
+def memtree_revision_files() -> set[str]:
+    return {path.name for path in Path(migration.version_location()).glob("*.py")}
+
+
 def test_host_autogenerate_and_check_leave_memtrees_own_tables_alone(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -136,3 +140,55 @@ def test_a_dropped_memtree_version_table_is_mended_by_memtree_db_stamp(
             )
     finally:
         engine.dispose()
+
+
+def test_host_history_makes_its_revisions_in_its_own_directory_with_head_and_version_path(
+    db_url: str, tmp_path: Path
+) -> None:
+    """memtree's revisions in the host's ``version_locations``: the documented commands."""
+    project = make_project(tmp_path, db_url, memtree_revisions=True, own_revision=False)
+    versions = project / "migrations" / "versions"
+    memtree_files = memtree_revision_files()
+    ok(alembic(project, "upgrade", "heads"))
+
+    # The host's first revision: a new branch, so its directory and label are given.
+    ok(
+        alembic(
+            project,
+            "revision",
+            "-m",
+            "start the app's history",
+            "--head",
+            "base",
+            "--branch-label",
+            "app",
+            "--version-path",
+            str(versions),
+        )
+    )
+    (first,) = new_revisions(project, set())
+    assert "down_revision: str | None = None" in first.read_text()
+    assert "branch_labels: str | Sequence[str] | None = ('app',)" in first.read_text()
+    ok(alembic(project, "upgrade", "heads"))
+
+    # Two heads now: a plain revision is refused, --head app@head picks the branch and,
+    # with it, the directory.
+    refused = alembic(project, "revision", "-m", "x")
+    assert refused.returncode != 0
+    assert "Multiple heads are present" in refused.stdout + refused.stderr
+    ok(alembic(project, "revision", "--autogenerate", "-m", "orders", "--head", "app@head"))
+    (second,) = new_revisions(project, {first})
+    generated = second.read_text()
+    assert "op.create_table('host_orders'" in generated
+    assert "mem_tree_jobs" not in generated
+    assert migration.VERSION_TABLE not in generated
+    assert f"down_revision: str | None = '{first.name.split('_')[0]}'" in generated
+    assert memtree_revision_files() == memtree_files
+
+    ok(alembic(project, "upgrade", "heads"))
+    assert "No new upgrade operations detected" in ok(alembic(project, "check"))
+    heads = ok(alembic(project, "heads"))
+    assert f"{HEAD} (memtree) (head)" in heads
+    assert "(app) (head)" in heads
+    assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+    ok(memtree(db_url, "db", "check"))
