@@ -147,7 +147,6 @@ def test_host_history_makes_its_revisions_in_its_own_directory_with_head_and_ver
 ) -> None:
     """memtree's revisions in the host's ``version_locations``: the documented commands."""
     project = make_project(tmp_path, db_url, memtree_revisions=True, own_revision=False)
-    versions = project / "migrations" / "versions"
     memtree_files = memtree_revision_files()
     ok(alembic(project, "upgrade", "heads"))
 
@@ -163,7 +162,7 @@ def test_host_history_makes_its_revisions_in_its_own_directory_with_head_and_ver
             "--branch-label",
             "app",
             "--version-path",
-            str(versions),
+            "migrations/versions",  # relative to the project, where alembic runs
         )
     )
     (first,) = new_revisions(project, set())
