@@ -172,8 +172,11 @@ def current(obj: Context) -> None:
     try:
         with engine.connect() as conn:
             revision = migration.schema_revision(conn)
+            lost = revision is None and migration.revision_lost(conn)
         head = migration.head_revision()
         state = "head" if revision == head else f"head is {head}"
+        if lost:
+            state += "; mem_tree_jobs is there but its revision is lost: run `memtree db stamp`"
         click.echo(f"{revision or 'none'} ({state})")
     finally:
         engine.dispose()

@@ -126,6 +126,7 @@ def test_a_dropped_memtree_version_table_is_mended_by_memtree_db_stamp(
 
         for command in (["status"], ["db", "upgrade"], ["db", "check"]):
             assert "run `memtree db stamp`" in one_line_failure(memtree(db_url, *command))
+        assert "run `memtree db stamp`" in ok(memtree(db_url, "db", "current"))
 
         assert f"stamped {HEAD}" in ok(memtree(db_url, "db", "stamp"))
         ok(memtree(db_url, "db", "check"))
