@@ -682,7 +682,8 @@ def jobs_retry(obj: Context, job_id: str | None, all_failed: bool, transient_onl
                 f"job {job_id} is {job.status.value}: only failed or cancelled jobs whose "
                 "dedupe key is free can be retried"
             )
-        count = queue.requeue_transient_failed() if transient_only else queue.requeue_failed()
+        # An operator's retry, not a self-heal: unbounded, and heal counts start over.
+        count = queue.requeue_transient_failed(None) if transient_only else queue.requeue_failed()
     click.echo(f"requeued {count} jobs")
 
 

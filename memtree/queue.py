@@ -34,6 +34,7 @@ from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
+    DEFAULT_SELF_HEAL_LIMIT,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
     CancelOutcome,
@@ -435,9 +436,17 @@ class Queue:
         with self.transaction() as conn:
             return store.count_retired(conn)
 
-    def requeue_transient_failed(self) -> int:
+    def requeue_transient_failed(
+        self, self_heal_limit: int | None = DEFAULT_SELF_HEAL_LIMIT
+    ) -> int:
+        """Self-heal: failed jobs that are not ``unrecoverable`` and were self-healed fewer
+        than ``self_heal_limit`` times get a fresh budget of attempts (0 heals nothing).
+        ``None`` is an operator's retry of them all: unbounded, heal counts start over."""
+        limit = None
+        if self_heal_limit is not None:
+            limit = _positive_int("self_heal_limit", self_heal_limit, allow_zero=True)
         with self.transaction() as conn:
-            count = settle.requeue_transient_failed(conn, now_ms=self.now_ms())
+            count = settle.requeue_transient_failed(conn, now_ms=self.now_ms(), heal_limit=limit)
         return self._made_ready(count)
 
     def next_due_ms(self, kinds: Iterable[str] | None = None) -> int | None:

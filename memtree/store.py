@@ -131,6 +131,8 @@ def translate_errors() -> Iterator[None]:
             or 'column "lease_token" does not exist' in text
             or "no such column: cancel_requested_at_ms" in text
             or 'column "cancel_requested_at_ms" does not exist' in text
+            or "no such column: heal_count" in text
+            or 'column "heal_count" does not exist' in text
             or "no such column: failure_" in text
             or ('column "failure_' in text and "does not exist" in text)
         )
@@ -452,6 +454,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         failure_class=data["failure_class"],
         lease_token=data.get("lease_token"),
         cancel_requested_at_ms=data.get("cancel_requested_at_ms"),
+        heal_count=data.get("heal_count", 0),
     )
 
 

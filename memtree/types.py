@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
+    "DEFAULT_SELF_HEAL_LIMIT",
     "MAX_DEDUPE_KEY_BYTES",
     "MAX_KIND_BYTES",
     "MAX_MS",
@@ -51,6 +52,8 @@ RETRY_BASE_MS = 60 * 1000
 RETRY_CAP_MS = 60 * 60 * 1000
 #: A job deferred for longer than this since it was created fails ``defer_age_exceeded``.
 DEFAULT_MAX_DEFER_AGE_MS = 7 * 24 * 60 * 60 * 1000
+#: Times self-heal revives one failed job before it stays failed (0 turns self-heal off).
+DEFAULT_SELF_HEAL_LIMIT = 3
 #: Kinds claimed before all others, in this order (the original's drain-forward order).
 DEFAULT_CLAIM_ORDER: tuple[str, ...] = ("seal", "flush_stale", "append_buffer")
 #: Kinds of the original's removed global/topic trees: never claimed, purged at start.
@@ -330,7 +333,8 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One ``mem_tree_jobs`` row as read at a moment: the 15 wire columns plus the lease token.
+    """One ``mem_tree_jobs`` row as read at a moment: the 15 wire columns plus memtree's own
+    (lease token, cancel request, heal count).
 
     A ``Job`` returned by a claim carries the claim's ``lease_token``; every settle is
     fenced to it, so a worker whose lease was recovered or re-claimed cannot settle.
@@ -353,6 +357,7 @@ class Job:
     failure_class: str | None
     lease_token: str | None = None
     cancel_requested_at_ms: int | None = None
+    heal_count: int = 0
 
     @property
     def payload(self) -> Any:

@@ -36,7 +36,7 @@ from memtree.engine import handler_connection
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
-from memtree.types import Job, JobKind, NewJob, check_kind
+from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, JobKind, NewJob, check_kind
 
 if TYPE_CHECKING:
     from memtree.metrics import Metrics
@@ -347,6 +347,8 @@ class Worker:
     - ``shutdown_grace_s``: how long a stopping worker waits for running handlers.
     - ``recover_interval_s``, ``self_heal_interval_s``, ``retention_ms`` (``None`` keeps
       done rows), ``prune_interval_s``: maintenance.
+    - ``self_heal_limit``: how many times self-heal revives one failed job (3 by default;
+      0 turns self-heal off). A job failed after that many heals stays failed.
     - ``session_factory``: builds ``ctx.session``; a ``Session`` on the queue's engine by default.
     """
 
@@ -363,6 +365,7 @@ class Worker:
         shutdown_grace_s: float = 30.0,
         recover_interval_s: float | None = None,
         self_heal_interval_s: float = 600.0,
+        self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
         flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
         prune_interval_s: float = 600.0,
@@ -382,6 +385,11 @@ class Worker:
             _check_handler(kind, handler)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if isinstance(self_heal_limit, bool) or not isinstance(self_heal_limit, int):
+            raise ConfigurationError(f"self_heal_limit must be an int, not {self_heal_limit!r}")
+        if self_heal_limit < 0:
+            raise ConfigurationError(f"self_heal_limit must be >= 0, not {self_heal_limit}")
+        self.self_heal_limit = self_heal_limit
         self.queue = queue
         self.handlers: dict[str, Handler] = dict(handlers)
         self.concurrency = concurrency
@@ -933,7 +941,7 @@ class Worker:
         now = time.monotonic()
         tasks: dict[str, Callable[[], object]] = {
             "recover": self.queue.recover_stale_locks,
-            "self_heal": self.queue.requeue_transient_failed,
+            "self_heal": lambda: self.queue.requeue_transient_failed(self.self_heal_limit),
         }
         if JobKind.FLUSH_STALE in self.handlers:
             tasks["flush_stale"] = lambda: self.queue.enqueue(

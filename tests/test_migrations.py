@@ -57,8 +57,8 @@ REPO_ROOT = TESTS_DIR.parent
 HOST_APP = TESTS_DIR / "host_app"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-HEAD = "memtree_0004"
-HISTORY = ["memtree_0001", "memtree_0002", "memtree_0003", "memtree_0004"]
+HEAD = "memtree_0005"
+HISTORY = ["memtree_0001", "memtree_0002", "memtree_0003", "memtree_0004", "memtree_0005"]
 
 #: The columns of the original's first-shipped table (memtree_0001).
 FIRST_SHIPPED_COLUMNS = {
@@ -79,6 +79,7 @@ FIRST_SHIPPED_COLUMNS = {
 FAILURE_COLUMNS = {"failure_reason", "failure_class"}
 MEMTREE_COLUMNS = {"lease_token"}
 CANCEL_COLUMNS = {"cancel_requested_at_ms"}
+HEAL_COLUMNS = {"heal_count"}
 #: The columns each revision leaves; None for no table at all.
 COLUMNS_AT: dict[str, set[str] | None] = {
     "base": None,
@@ -86,6 +87,11 @@ COLUMNS_AT: dict[str, set[str] | None] = {
     "memtree_0002": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS,
     "memtree_0003": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS | MEMTREE_COLUMNS,
     "memtree_0004": FIRST_SHIPPED_COLUMNS | FAILURE_COLUMNS | MEMTREE_COLUMNS | CANCEL_COLUMNS,
+    "memtree_0005": FIRST_SHIPPED_COLUMNS
+    | FAILURE_COLUMNS
+    | MEMTREE_COLUMNS
+    | CANCEL_COLUMNS
+    | HEAL_COLUMNS,
 }
 ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_ready",
@@ -199,6 +205,7 @@ def test_version_location_holds_memtrees_revision_files() -> None:
         "memtree_0002_failure_columns.py",
         "memtree_0003_lease_token_and_claim_index.py",
         "memtree_0004_cancel_requests.py",
+        "memtree_0005_heal_count.py",
     }
 
 
