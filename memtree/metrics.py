@@ -36,6 +36,10 @@ class Metrics:
         self.done = counter("done", "Jobs this worker settled done.")
         self.failed = counter("failed", "Failed runs (retried or final) settled by this worker.")
         self.deferred = counter("deferred", "Runs this worker settled deferred.")
+        self.released = counter(
+            "released",
+            "Runs this worker released after an infrastructure error, attempt given back.",
+        )
         self.cancelled = counter("cancelled", "Runs that ended cancelled in this worker.")
         self.lost = counter("lease_lost", "Runs whose lease was lost before they settled.")
         self.recovered = Counter(
@@ -63,11 +67,12 @@ class Metrics:
         self.waiting.labels(job.kind).observe(max(now_ms - job.available_at_ms, 0) / 1000)
 
     def on_finished(self, job: Job, outcome: str, duration_s: float) -> None:
-        """``outcome`` is done, failed, deferred, cancelled or lease_lost."""
+        """``outcome`` is done, failed, deferred, released, cancelled or lease_lost."""
         counter = {
             "done": self.done,
             "failed": self.failed,
             "deferred": self.deferred,
+            "released": self.released,
             "cancelled": self.cancelled,
             "lease_lost": self.lost,
         }[outcome]

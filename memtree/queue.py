@@ -365,6 +365,12 @@ class Queue:
                 max_defer_age_ms=self.max_defer_age_ms,
             )
 
+    def mark_released(self, job: Job, until_ms: int, reason: object) -> bool:
+        """Back to ``ready`` at ``until_ms``, attempt given back, after a failure that is not
+        the job's own (the database was unreachable); False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_released(conn, job, until_ms, reason)
+
     def extend_lease(self, job: Job, lock_duration_ms: int | None = None) -> bool:
         """Heartbeat: push the job's lease forward; False if it was lost."""
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)

@@ -62,6 +62,7 @@ __all__ = [
     "mark_done",
     "mark_done_many",
     "mark_failed",
+    "mark_released",
     "recover_stale_locks",
     "release_running_locks",
     "requeue_failed",
@@ -162,6 +163,19 @@ def _statements() -> dict[str, Update]:
                     (aged_out, literal_column("'defer_age_exceeded'")), else_=NULL
                 ),
                 "failure_class": case((aged_out, UNRECOVERABLE), else_=NULL),
+                "lease_token": NULL,
+            }
+        ),
+        "released": _fenced(
+            {
+                "status": READY,
+                "attempts": bindparam("pre_claim_attempts"),
+                "available_at_ms": bindparam("until"),
+                "locked_until_ms": NULL,
+                "started_at_ms": NULL,
+                "last_error": bindparam("reason"),
+                "failure_reason": NULL,
+                "failure_class": NULL,
                 "lease_token": NULL,
             }
         ),
@@ -428,6 +442,19 @@ def mark_deferred(
         "reason": storable_text(str(reason)),
     }
     return _settled(executor, "deferred", job, params)
+
+
+def mark_released(executor: Executor, job: Job, until_ms: int, reason: object) -> bool:
+    """Back to ``ready`` at ``until_ms`` with the claim's attempt given back, because the
+    run failed for a reason that is not the job's (the database was unreachable). Unlike
+    :func:`mark_deferred` there is no age cap: an outage does not make a job too old.
+    ``last_error`` keeps the reason's full text."""
+    params = {
+        "pre_claim_attempts": max(job.attempts - 1, 0),
+        "until": check_ms("until_ms", until_ms),
+        "reason": error_text(reason),
+    }
+    return _settled(executor, "released", job, params)
 
 
 def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms: int) -> bool:

@@ -36,13 +36,24 @@ from memtree.engine import handler_connection
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
-from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, JobKind, NewJob, check_kind
+from memtree.types import (
+    DEFAULT_SELF_HEAL_LIMIT,
+    Job,
+    JobKind,
+    NewJob,
+    backoff_ms,
+    check_kind,
+    find_failure,
+)
 
 if TYPE_CHECKING:
     from memtree.metrics import Metrics
 
 __all__ = [
     "DEFAULT_GATES",
+    "DEFAULT_MAX_INFRASTRUCTURE_RELEASES",
+    "INFRASTRUCTURE_RETRY_BASE_MS",
+    "INFRASTRUCTURE_RETRY_CAP_MS",
     "Defer",
     "Gate",
     "Handler",
@@ -50,6 +61,7 @@ __all__ = [
     "JobContext",
     "Worker",
     "classify_error",
+    "is_infrastructure_error",
 ]
 
 log = logging.getLogger("memtree.worker")
@@ -58,6 +70,16 @@ _EVENT_LOCK = threading.Lock()
 
 # The longest a finished job waits to be settled in a batch with others.
 _FLUSH_DELAY_S = 0.01
+
+#: Runs of one job in a row this worker releases after an infrastructure error, attempt
+#: given back, before the next such run counts as a failure like any other.
+DEFAULT_MAX_INFRASTRUCTURE_RELEASES = 10
+#: The first release after an infrastructure error waits this long; it doubles per release.
+INFRASTRUCTURE_RETRY_BASE_MS = 1_000
+#: The longest wait after an infrastructure error.
+INFRASTRUCTURE_RETRY_CAP_MS = 60_000
+# Jobs whose infrastructure releases a worker remembers (the oldest are forgotten).
+_INFRASTRUCTURE_MEMORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +320,84 @@ def classify_error(error: BaseException) -> tuple[str, float]:
     return "other", 0.5
 
 
+# What a connection failure says, lowercased, where the driver gives no code for it: psycopg
+# at connect ("connection failed: ... too many clients", "Connection refused") and on a
+# dropped connection, SQLite when its file cannot be opened or read.
+_CONNECTION_FAILURE_TEXT = (
+    "connection failed",
+    "could not connect",
+    "connection refused",
+    "too many clients",
+    "too many connections",
+    "remaining connection slots",
+    "server closed the connection",
+    "terminating connection",
+    "the database system is",
+    "connection is closed",
+    "connection already closed",
+    "no connection to the server",
+    "consuming input failed",
+    "could not receive data",
+    "could not send data",
+    "ssl syscall error",
+    "unable to open database file",
+    "disk i/o error",
+)
+# SQLSTATEs of a connection that failed or was taken away: class 08 (connection
+# exception), too_many_connections, admin/crash shutdown, cannot_connect_now.
+_CONNECTION_SQLSTATES = ("53300", "57P01", "57P02", "57P03")
+
+
+def _is_connection_failure(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True  # a pooled connection found dead, or no connection to be had
+    if not isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return False
+    if error.connection_invalidated:
+        return True  # SQLAlchemy's dialect recognised a disconnect
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and (
+        sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
+    ):
+        return True
+    sqlite_name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(sqlite_name, str) and (
+        sqlite_name == "SQLITE_CANTOPEN" or sqlite_name.startswith("SQLITE_IOERR")
+    ):
+        return True
+    text = str(orig).lower()
+    return any(phrase in text for phrase in _CONNECTION_FAILURE_TEXT)
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """True when a run failed because the database could not be reached, not because of
+    the job: a connection that could not be opened (refused, too many clients, the server
+    starting or stopping, a SQLite file that cannot be opened or read) or that was lost
+    (server closed it, admin shutdown), anywhere in the error's cause/context chain, as
+    SQLAlchemy raised it or as memtree's :class:`DatabaseError` wraps it.
+
+    This is the one place that decides it. A run that fails this way is released without
+    spending an attempt; any other error is the job's own. A :class:`JobFailure` in the
+    chain is the handler's own verdict and wins.
+    """
+    if find_failure(error) is not None:
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _is_connection_failure(current):
+            return True
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
+    return False
+
+
 def _fields(job: Job, duration_s: float | None = None) -> dict[str, Any]:
     """The structured fields of a job's log records."""
     fields: dict[str, Any] = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
@@ -349,6 +449,9 @@ class Worker:
       done rows), ``prune_interval_s``: maintenance.
     - ``self_heal_limit``: how many times self-heal revives one failed job (3 by default;
       0 turns self-heal off). A job failed after that many heals stays failed.
+    - ``max_infrastructure_releases``: runs of one job in a row released without spending
+      an attempt because the database could not be reached (:func:`is_infrastructure_error`);
+      the next such run counts as a failure (10 by default; 0 counts every one).
     - ``session_factory``: builds ``ctx.session``; a ``Session`` on the queue's engine by default.
     """
 
@@ -366,6 +469,7 @@ class Worker:
         recover_interval_s: float | None = None,
         self_heal_interval_s: float = 600.0,
         self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
+        max_infrastructure_releases: int = DEFAULT_MAX_INFRASTRUCTURE_RELEASES,
         flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
         prune_interval_s: float = 600.0,
@@ -390,6 +494,16 @@ class Worker:
         if self_heal_limit < 0:
             raise ConfigurationError(f"self_heal_limit must be >= 0, not {self_heal_limit}")
         self.self_heal_limit = self_heal_limit
+        if (
+            isinstance(max_infrastructure_releases, bool)
+            or not isinstance(max_infrastructure_releases, int)
+            or max_infrastructure_releases < 0
+        ):
+            raise ConfigurationError(
+                "max_infrastructure_releases must be an int >= 0, "
+                f"not {max_infrastructure_releases!r}"
+            )
+        self.max_infrastructure_releases = max_infrastructure_releases
         self.queue = queue
         self.handlers: dict[str, Handler] = dict(handlers)
         self.concurrency = concurrency
@@ -441,6 +555,8 @@ class Worker:
         self._gate_busy: dict[str, int] = {gate.name: 0 for gate in self.gates}
         self._completed: list[_Completed] = []
         self._completed_since = 0.0
+        # Job id -> infrastructure releases in a row (see _released_for_infrastructure).
+        self._infrastructure_releases: dict[str, int] = {}
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, concurrency // 4)
         self._tasks: queue_module.SimpleQueue[_Running | None] = queue_module.SimpleQueue()
@@ -725,8 +841,11 @@ class Worker:
             return _Completed(job, ctx._followups, duration_s)
         fields = _fields(job, duration_s)
         if outcome is None:
-            self._finish(job, "done", self._commit(entry, fields, chain), duration_s, fields)
-            return None
+            committed = self._commit(entry, fields, chain)
+            if not isinstance(committed, BaseException):
+                self._finish(job, "done", committed, duration_s, fields)
+                return None
+            outcome = committed  # the completion did not commit: this run failed
         ctx._close(commit=False)
         if isinstance(outcome, Defer):
             until = outcome.resolve(self.queue.now_ms())
@@ -739,14 +858,17 @@ class Worker:
             if isinstance(outcome, BaseException)
             else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
         )
+        if self._released_for_infrastructure(job, error, duration_s, fields):
+            return None
         log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
         settled = self._retrying(lambda: self.queue.mark_failed(job, error))
         self._finish(job, "failed", settled, duration_s, fields)
         return None
 
-    def _commit(self, entry: _Running, fields: dict[str, Any], chain: _Chain) -> bool | None:
+    def _commit(self, entry: _Running, fields: dict[str, Any], chain: _Chain) -> bool | Exception:
         """Settle ``done`` in the handler's own session: its writes, follow-ups and the
-        completion commit together, or (lease lost, cancel requested) not at all.
+        completion commit together, or (lease lost, cancel requested) not at all. Returns
+        whether it settled, or the error that kept it from committing.
 
         The same transaction claims this thread's next job (see :meth:`_claim_follower`), so
         a worker of transactional handlers pays one transaction per job, not a claim
@@ -772,15 +894,13 @@ class Worker:
             ctx._close(commit=False)
             label, _ = classify_error(exc)
             log.warning(
-                "job %s: its completion did not commit (%s: %s); retrying it",
+                "job %s: its completion did not commit (%s: %s)",
                 job.id,
                 label,
                 scrub(str(exc)),
                 extra=fields,
             )
-            failure = exc
-            self._retrying(lambda: self.queue.mark_failed(job, failure))
-            return None
+            return exc
         chain.follower = follower
         if follower is not None and self.metrics is not None:
             self.metrics.on_claimed(follower.job, now_ms)
@@ -826,6 +946,39 @@ class Worker:
             entry.traced,
         )
 
+    def _released_for_infrastructure(
+        self, job: Job, error: BaseException, duration_s: float, fields: dict[str, Any]
+    ) -> bool:
+        """Release a run that failed because the database could not be reached: ``ready``
+        again after a backoff, its attempt given back. After ``max_infrastructure_releases``
+        such runs of the job in a row, the next is left to count as a failure (False)."""
+        if not is_infrastructure_error(error):
+            return False
+        with self._lock:
+            count = self._infrastructure_releases.pop(job.id, 0) + 1
+            if count > self.max_infrastructure_releases:
+                return False
+            self._infrastructure_releases[job.id] = count
+            if len(self._infrastructure_releases) > _INFRASTRUCTURE_MEMORY:
+                del self._infrastructure_releases[next(iter(self._infrastructure_releases))]
+        delay_ms = backoff_ms(
+            count, base_ms=INFRASTRUCTURE_RETRY_BASE_MS, cap_ms=INFRASTRUCTURE_RETRY_CAP_MS
+        )
+        until = store.saturating(self.queue.now_ms() + delay_ms)
+        log.warning(
+            "job %s: the database could not be reached (%s); released without spending an "
+            "attempt, due again in %.1fs (release %d of at most %d in a row)",
+            job.id,
+            scrub(settle.error_text(error)),
+            delay_ms / 1000,
+            count,
+            self.max_infrastructure_releases,
+            extra=fields,
+        )
+        settled = self._retrying(lambda: self.queue.mark_released(job, until, error))
+        self._finish(job, "released", settled, duration_s, fields)
+        return True
+
     def _finish(
         self,
         job: Job,
@@ -836,6 +989,9 @@ class Worker:
     ) -> None:
         """Count a run. A settle that did not match may have met a cancel request: then
         the run ends ``cancelled``; otherwise the lease was lost and it is not settled."""
+        if outcome != "released" and self._infrastructure_releases:
+            with self._lock:
+                self._infrastructure_releases.pop(job.id, None)
         if (
             settled is False
             and outcome != "lease_lost"
@@ -876,6 +1032,9 @@ class Worker:
         matched = [c for c in batch if settled is not None and c.job.id in settled]
         with self._lock:
             self._settled += len(matched)
+            if self._infrastructure_releases:
+                for completed in matched:
+                    self._infrastructure_releases.pop(completed.job.id, None)
         if log.isEnabledFor(logging.DEBUG):
             for completed in matched:
                 fields = _fields(completed.job, completed.duration_s)
