@@ -13,6 +13,7 @@ The hierarchy::
     ├── CorruptJobError          a stored row memtree cannot read (reported with its id)
     ├── UnsupportedDatabaseError a database memtree has no dialect for
     └── DatabaseError            the database failed underneath an operation
+        └── DatabaseFileChangedError  a worker's SQLite file was deleted or replaced
 
 Driver exceptions are translated once, at the store boundary, into
 :class:`SchemaMissingError` (when the table is absent) or :class:`DatabaseError`
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptJobError",
     "DatabaseError",
+    "DatabaseFileChangedError",
     "InvalidJobError",
     "MemtreeError",
     "SchemaError",
@@ -115,3 +117,20 @@ class UnsupportedDatabaseError(MemtreeError):
 
 class DatabaseError(MemtreeError):
     """The database failed underneath a memtree operation (see ``__cause__``)."""
+
+
+class DatabaseFileChangedError(DatabaseError):
+    """The SQLite file a worker works was deleted or replaced by another file under it.
+
+    The worker stops rather than go on settling jobs into a file nobody can see any more
+    (the connections it holds still write to the deleted one) or into a different one.
+    """
+
+    def __init__(self, path: str, change: str) -> None:
+        super().__init__(
+            f"the SQLite database file {path} was {change} while the worker ran; it stopped "
+            "without settling anything more there: start the worker again to work the file "
+            "now at that path"
+        )
+        self.path = path
+        self.change = change

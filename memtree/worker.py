@@ -33,7 +33,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
 from memtree.engine import handler_connection
-from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
+from memtree.errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseFileChangedError,
+    MemtreeError,
+)
 from memtree.queue import Queue
 from memtree.redact import scrub
 from memtree.types import (
@@ -398,6 +403,50 @@ def is_infrastructure_error(error: BaseException) -> bool:
     return False
 
 
+class _DatabaseFile:
+    """The SQLite file behind an engine, known by its device and inode.
+
+    A file deleted or replaced (``rm``, a restored backup moved into place) under a
+    running process is invisible to SQLite: the connections already open go on reading
+    and writing the old inode, new ones open whatever is at the path now. So the worker
+    compares the path's identity with the one it recorded at start, before it settles or
+    claims anything; a ``stat`` costs about a microsecond.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, engine: Engine) -> _DatabaseFile | None:
+        """The file of a SQLite engine; None for PostgreSQL, in-memory and URI databases."""
+        url = engine.url
+        database = url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return None
+        if database.startswith("file:") or "uri" in url.query or "mode" in url.query:
+            return None
+        return cls(os.path.abspath(database))
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def change(self) -> str | None:
+        """How the file changed since it was first seen (``deleted``, ``replaced by another
+        file``), or None. A file that did not exist yet is recorded when it appears."""
+        identity = self._stat()
+        if self._identity is None:
+            self._identity = identity
+            return None
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced by another file"
+
+
 def _fields(job: Job, duration_s: float | None = None) -> dict[str, Any]:
     """The structured fields of a job's log records."""
     fields: dict[str, Any] = {"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
@@ -557,6 +606,8 @@ class Worker:
         self._completed_since = 0.0
         # Job id -> infrastructure releases in a row (see _released_for_infrastructure).
         self._infrastructure_releases: dict[str, int] = {}
+        self._database_file = _DatabaseFile.of(queue.engine)
+        self._database_lost: DatabaseFileChangedError | None = None
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, concurrency // 4)
         self._tasks: queue_module.SimpleQueue[_Running | None] = queue_module.SimpleQueue()
@@ -571,7 +622,10 @@ class Worker:
     # -- public ------------------------------------------------------------------------
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Work until :meth:`stop` or SIGINT/SIGTERM; then shut down gracefully."""
+        """Work until :meth:`stop` or SIGINT/SIGTERM; then shut down gracefully.
+
+        Raises :class:`DatabaseFileChangedError` once it stopped because its SQLite file
+        was deleted or replaced."""
         restore = self._install_signals() if install_signal_handlers else {}
         try:
             self._start(listen=True)
@@ -581,6 +635,8 @@ class Worker:
             self._shutdown()
             for signum, previous in restore.items():
                 signal.signal(signum, previous)
+        if self._database_lost is not None:
+            raise self._database_lost
 
     def run_until_idle(self) -> int:
         """Work until no job is due and none is running; return how many jobs were settled.
@@ -592,9 +648,12 @@ class Worker:
         try:
             self._loop(until_idle=True)
         finally:
-            self._flush_completed()
+            if self._database_lost is None:
+                self._flush_completed()
             wakeup.unsubscribe(self.queue.engine, self._wake)
             self._stop_threads()
+        if self._database_lost is not None:
+            raise self._database_lost
         return self._settled - before
 
     def stop(self) -> None:
@@ -610,6 +669,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------
 
     def _start(self, *, listen: bool) -> None:
+        self._database_file_changed()  # records the file's identity the first time
         wakeup.subscribe(self.queue.engine, self._wake)
         while len(self._threads) < self.concurrency:
             thread = threading.Thread(
@@ -628,6 +688,8 @@ class Worker:
     def _loop(self, *, until_idle: bool) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            if self._database_file_changed():
+                return
             self._heartbeat()
             self._check_cancels()
             if not until_idle:
@@ -707,6 +769,10 @@ class Worker:
         taken: list[_Completed],
     ) -> int:
         if not plan and not taken:
+            return 0
+        if self._database_file_changed():
+            with self._lock:  # never settled: not into a file that is gone or another one
+                self._completed[:0] = taken
             return 0
         result = self._guarded(
             lambda: self.queue.complete_and_claim(
@@ -840,6 +906,10 @@ class Worker:
             # Settled by the loop in a batch with others (see _exchange).
             return _Completed(job, ctx._followups, duration_s)
         fields = _fields(job, duration_s)
+        if self._database_file_changed():
+            ctx._close(commit=False)
+            log.error("job %s not settled: the database file changed", job.id, extra=fields)
+            return None
         if outcome is None:
             committed = self._commit(entry, fields, chain)
             if not isinstance(committed, BaseException):
@@ -1094,6 +1164,26 @@ class Worker:
                         extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
                     )
 
+    def _database_file_changed(self) -> bool:
+        """True once the SQLite file was deleted or replaced under this worker; the first
+        to notice logs it and stops the worker (see :class:`_DatabaseFile`)."""
+        if self._database_lost is not None:
+            return True
+        if self._database_file is None:
+            return False
+        change = self._database_file.change()
+        if change is None:
+            return False
+        error = DatabaseFileChangedError(self._database_file.path, change)
+        with self._lock:
+            first = self._database_lost is None
+            if first:
+                self._database_lost = error
+        if first:
+            log.error("%s", error)
+            self.stop()
+        return True
+
     # -- maintenance -------------------------------------------------------------------
 
     def _maintain(self) -> None:
@@ -1186,14 +1276,24 @@ class Worker:
     def _shutdown(self) -> None:
         self._stopping.set()
         deadline = time.monotonic() + self.shutdown_grace_s
-        while self.running_jobs and time.monotonic() < deadline:
+        # A worker whose file changed does not wait: nothing it runs can be settled now.
+        while (
+            self.running_jobs and time.monotonic() < deadline and not self._database_file_changed()
+        ):
             self._flush_completed()
             self._heartbeat()
             self._wake.wait(0.05)
             self._wake.clear()
-        self._flush_completed()
+        if not self._database_file_changed():
+            self._flush_completed()
         unfinished = self.running_jobs
-        if unfinished:
+        if self._database_lost is not None:
+            # Their leases are in a file that is gone or replaced: nothing to release.
+            log.error(
+                "stopped; %d running jobs were left unsettled in the changed file",
+                len(unfinished),
+            )
+        elif unfinished:
             # Only this worker's own leases: another worker's are not ours to release.
             released = self._guarded(
                 lambda: self.queue.release_running_locks(unfinished), "release"

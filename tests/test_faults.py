@@ -6,8 +6,15 @@ replaced under a running worker (it stops).
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -309,3 +316,167 @@ def test_a_connection_lost_before_the_completion_commits_spends_no_attempt(
     job = job_of(pg_queue, job_id)
     assert (job.status, job.attempts) == (JobStatus.DONE, 1)
     assert runs == [1, 1]
+
+
+# -- a SQLite file deleted or replaced under a running worker ---------------------------
+
+
+def remove_database_files(path: Path) -> None:
+    """``rm memtree.db memtree.db-wal memtree.db-shm``: the open connections keep theirs."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def migrated_file(path: Path) -> Queue:
+    queue = Queue(memtree.create_engine(f"sqlite:///{path}"))
+    queue.migrate()
+    return queue
+
+
+class Held:
+    """Handlers that start, tell the test, and wait for it; ``uses_session`` runs one that
+    writes through ``ctx.session`` (settled in the handler's thread), otherwise one that
+    does not (settled by the loop in a batch)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.handlers = Handlers()
+        for kind, uses_session in (("plain", False), ("transactional", True)):
+            self.handlers.register(kind)(self._handler(uses_session))
+
+    def _handler(self, uses_session: bool) -> Callable[[JobContext], None]:
+        def handler(ctx: JobContext) -> None:
+            self.started.set()
+            assert self.go.wait(30)
+            if uses_session:
+                ctx.session.execute(text("SELECT 1"))
+
+        return handler
+
+
+class WorkerThread(threading.Thread):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(daemon=True)
+        self.worker = worker
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.worker.run(install_signal_handlers=False)
+        except BaseException as exc:  # the test looks at it
+            self.error = exc
+
+
+def status_in(conn: sqlite3.Connection, job_id: str | None) -> tuple[str, int] | None:
+    row = conn.execute(
+        "SELECT status, attempts FROM mem_tree_jobs WHERE id = ?", (job_id,)
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("kind", ["plain", "transactional"])
+@pytest.mark.parametrize("change", ["deleted", "replaced by another file"])
+def test_a_worker_stops_when_its_sqlite_file_changes_and_settles_nothing_more(
+    tmp_path: Path, kind: str, change: str
+) -> None:
+    path = tmp_path / "memtree.db"
+    queue = migrated_file(path)
+    held = Held()
+    job_id = queue.enqueue(NewJob(kind))
+    # Reads the original file after it is gone: it holds its own descriptors of it.
+    witness = sqlite3.connect(path)
+    assert status_in(witness, job_id) == ("ready", 0)
+    worker = Worker(queue, held.handlers, gates=(), poll_interval_s=0.05, shutdown_grace_s=30)
+    thread = WorkerThread(worker)
+    thread.start()
+    replacement: tuple[str | None, Path] | None = None
+    try:
+        assert held.started.wait(30)
+        assert status_in(witness, job_id) == ("running", 1)
+        if change == "deleted":
+            remove_database_files(path)
+        else:
+            other = migrated_file(tmp_path / "restored.db")
+            theirs = other.enqueue(NewJob(kind))
+            other.engine.dispose()
+            remove_database_files(path)
+            os.replace(tmp_path / "restored.db", path)
+            replacement = (theirs, path)
+        time.sleep(0.3)  # a few polls: the worker notices before the handler returns
+        held.go.set()
+        thread.join(10)
+        assert not thread.is_alive(), "the worker did not stop"
+    finally:
+        held.go.set()
+        worker.stop()
+        thread.join(30)
+    assert isinstance(thread.error, memtree.DatabaseFileChangedError)
+    assert thread.error.change == change and thread.error.path == str(path)
+    assert status_in(witness, job_id) == ("running", 1), "nothing settled into the old file"
+    witness.close()
+    if replacement is not None:
+        theirs, restored = replacement
+        new = sqlite3.connect(restored)
+        try:
+            assert status_in(new, theirs) == ("ready", 0), "nothing claimed from the new file"
+            assert status_in(new, job_id) is None
+        finally:
+            new.close()
+    queue.engine.dispose()
+
+
+@pytest.mark.sqlite
+def test_an_idle_worker_notices_its_sqlite_file_deleted_within_a_poll(tmp_path: Path) -> None:
+    path = tmp_path / "memtree.db"
+    queue = migrated_file(path)
+    worker = Worker(queue, Held().handlers, gates=(), poll_interval_s=0.05)
+    thread = WorkerThread(worker)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        remove_database_files(path)
+        thread.join(10)
+        assert not thread.is_alive(), "the worker did not stop"
+    finally:
+        worker.stop()
+        thread.join(30)
+        queue.engine.dispose()
+    assert isinstance(thread.error, memtree.DatabaseFileChangedError)
+    assert "deleted" in str(thread.error)
+
+
+@pytest.mark.sqlite
+@pytest.mark.slow
+def test_memtree_worker_exits_non_zero_when_its_sqlite_file_is_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "memtree.db"
+    migrated_file(path).engine.dispose()
+    (tmp_path / "idle_app.py").write_text("handlers = {'nothing': lambda ctx: None}\n")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "memtree"),
+            "--database-url",
+            f"sqlite:///{path}",
+            "worker",
+            "--app",
+            "idle_app:handlers",
+            "--poll-interval",
+            "0.05",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()  # the banner: the worker is up
+        assert "memtree worker" in first, first
+        time.sleep(0.3)
+        remove_database_files(path)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "was deleted while the worker ran" in stderr
+    assert "Traceback" not in stderr
