@@ -165,6 +165,25 @@ def test_max_infrastructure_releases_is_validated_when_the_worker_is_built(
         Worker(queue, selecting([]), max_infrastructure_releases=value)  # type: ignore[arg-type]
 
 
+def test_mark_released_gives_the_attempt_back_only_to_the_claim_it_came_from(
+    queue: Queue, clock: FakeClock
+) -> None:
+    """No age cap either: a job older than the defer-age cap is released, not failed."""
+    job_id = queue.enqueue(NewJob("reads", max_attempts=3))
+    clock.advance(queue.max_defer_age_ms + 1)
+    stale = queue.claim_next(lock_duration_ms=-1)
+    assert stale is not None
+    assert queue.recover_stale_locks() == 1
+    current = queue.claim_next()
+    assert current is not None and (current.id, current.attempts) == (job_id, 2)
+    assert not queue.mark_released(stale, clock.now_ms + 5, "gone"), "a stale claim"
+    assert queue.mark_released(current, clock.now_ms + 5, ConnectionError("too many clients"))
+    job = job_of(queue, job_id)
+    assert (job.status, job.attempts, job.available_at_ms) == (JobStatus.READY, 1, clock.now_ms + 5)
+    assert job.last_error == "ConnectionError: too many clients"
+    assert job.lease_token is None and job.started_at_ms is None
+
+
 def operational(message: str) -> memtree.DatabaseError:
     """A driver error as memtree's store boundary hands it on."""
     error = memtree.DatabaseError(message)
