@@ -111,6 +111,7 @@ _REVISION_ADDS: dict[str, frozenset[str]] = {
         {"column lease_token", "index ix_mem_tree_jobs_claim (kind, available_at_ms)"}
     ),
     "memtree_0004": frozenset({"column cancel_requested_at_ms"}),
+    "memtree_0005": frozenset({"column heal_count"}),
 }
 
 

@@ -21,7 +21,7 @@ from memtree import migration
 
 BIN = Path(sys.executable).parent
 HOST_APP = Path(__file__).resolve().parent / "host_app"
-HEAD = "memtree_0004"
+HEAD = migration.head_revision()
 
 
 def make_project(root: Path, db_url: str, *, memtree_revisions: bool, own_revision: bool) -> Path:
@@ -106,7 +106,7 @@ def test_host_autogenerate_and_check_leave_memtrees_own_tables_alone(
 
     ok(alembic(project, "upgrade", "head"))
     assert "No new upgrade operations detected" in ok(alembic(project, "check"))
-    assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+    assert f"{HEAD} (head)" in ok(memtree(db_url, "db", "current"))
     ok(memtree(db_url, "db", "check"))
 
 
@@ -130,7 +130,7 @@ def test_a_dropped_memtree_version_table_is_mended_by_memtree_db_stamp(
 
         assert f"stamped {HEAD}" in ok(memtree(db_url, "db", "stamp"))
         ok(memtree(db_url, "db", "check"))
-        assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+        assert f"{HEAD} (head)" in ok(memtree(db_url, "db", "current"))
         assert '"ready": 1' in ok(memtree(db_url, "status", "--json"))
         ok(memtree(db_url, "db", "upgrade"))
         assert "nothing to stamp" in ok(memtree(db_url, "db", "stamp"))
@@ -190,5 +190,5 @@ def test_host_history_makes_its_revisions_in_its_own_directory_with_head_and_ver
     heads = ok(alembic(project, "heads"))
     assert f"{HEAD} (memtree) (head)" in heads
     assert "(app) (head)" in heads
-    assert "memtree_0004 (head)" in ok(memtree(db_url, "db", "current"))
+    assert f"{HEAD} (head)" in ok(memtree(db_url, "db", "current"))
     ok(memtree(db_url, "db", "check"))
