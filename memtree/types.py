@@ -8,6 +8,7 @@ the table memtree shares with the original Rust crate.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_DEDUPE_KEY_BYTES",
     "MAX_KIND_BYTES",
     "MAX_MS",
+    "MAX_PAYLOAD_DEPTH",
     "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
@@ -38,6 +40,7 @@ __all__ = [
     "JobStatus",
     "NewJob",
     "backoff_ms",
+    "decode_payload",
     "find_failure",
     "is_retired_kind",
 ]
@@ -64,6 +67,10 @@ MAX_MS = 2**63 - 1
 MAX_KIND_BYTES = 255
 #: Longest dedupe key, in UTF-8 bytes (a PostgreSQL B-tree entry holds at most ~2.7 kB).
 MAX_DEDUPE_KEY_BYTES = 2000
+#: Deepest nesting of arrays and objects in a payload (``[]`` is 1 deep). Fixed, so whether
+#: a payload is accepted never depends on how deep the caller's stack is, and far below
+#: what any thread can parse (and below serde_json's 128, so the original crate reads it too).
+MAX_PAYLOAD_DEPTH = 100
 _MAX_INT32 = 2**31 - 1
 
 
@@ -227,6 +234,29 @@ def check_kind(kind: object) -> str:
 
 #: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
 _PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+#: A JSON string (skipped: brackets inside it do not nest) or one bracket.
+_JSON_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _nests_too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays and objects deeper than :data:`MAX_PAYLOAD_DEPTH`.
+    Iterative, so it answers for any depth in any thread; text with no more brackets than
+    the limit (nearly every payload) is answered by two counts alone."""
+    if text.count("[") + text.count("{") <= MAX_PAYLOAD_DEPTH:
+        return False
+    depth = 0
+    for match in _JSON_NESTING.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_PAYLOAD_DEPTH:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
+
+
+_TOO_DEEP = f"nested more than {MAX_PAYLOAD_DEPTH} levels deep (MAX_PAYLOAD_DEPTH)"
 
 
 def encode_payload(payload: object) -> str:
@@ -239,7 +269,9 @@ def encode_payload(payload: object) -> str:
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"payload is not JSON-serialisable: {exc}") from None
     except RecursionError:
-        raise InvalidJobError("payload is nested too deeply to serialise") from None
+        raise InvalidJobError(f"payload is {_TOO_DEEP}") from None
+    if _nests_too_deep(text):
+        raise InvalidJobError(f"payload is {_TOO_DEEP}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -247,6 +279,16 @@ def encode_payload(payload: object) -> str:
             f"payload holds text that is not valid Unicode: {exc.reason}"
         ) from None
     return text
+
+
+def decode_payload(text: str) -> Any:
+    """Parse ``payload_json`` text; ``ValueError`` if it is not JSON (NaN and infinities are
+    not) or nests deeper than :data:`MAX_PAYLOAD_DEPTH`, never ``RecursionError``."""
+    if not isinstance(text, str):
+        raise ValueError(f"payload_json is {type(text).__name__}, not text")
+    if _nests_too_deep(text):
+        raise ValueError(f"payload_json is {_TOO_DEEP}")
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +403,9 @@ class Job:
 
     @property
     def payload(self) -> Any:
-        """The payload, parsed from ``payload_json`` (raises ``ValueError`` if it is not JSON)."""
-        return json.loads(self.payload_json, parse_constant=_reject_constant)
+        """The payload, parsed from ``payload_json`` (``ValueError`` if it is not JSON or
+        nests deeper than :data:`MAX_PAYLOAD_DEPTH`; see :func:`decode_payload`)."""
+        return decode_payload(self.payload_json)
 
 
 def _reject_constant(name: str) -> float:
