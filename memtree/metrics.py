@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from memtree.errors import ConfigurationError
 from memtree.types import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -104,8 +105,14 @@ class QueueCollector(Collector):
 
 
 def serve(queue: Queue, port: int, addr: str = "127.0.0.1") -> Metrics:
-    """Expose this process's metrics over HTTP on ``addr:port``; returns the worker's Metrics."""
+    """Expose this process's metrics over HTTP on ``addr:port``; returns the worker's Metrics.
+
+    A port that cannot be bound (in use, out of range) is a :class:`ConfigurationError`."""
+    try:
+        start_http_server(port, addr=addr)
+    except (OSError, OverflowError) as exc:  # in use, not permitted, out of range, bad host
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot serve metrics on {addr}:{port}: {reason}") from None
     metrics = Metrics()
     REGISTRY.register(QueueCollector(queue))
-    start_http_server(port, addr=addr)
     return metrics

@@ -396,7 +396,7 @@ def _fail_unreadable(
     retrying cannot make them readable, and leaving them running would only have them
     recovered and claimed again at every lease."""
     for _, exc in rows:
-        log.warning("memtree failed an unreadable row (%s): %s", UNREADABLE_ROW, exc)
+        log.warning("memtree failed a claimed row (%s): %s", UNREADABLE_ROW, exc)
     params = [
         {"f_id": job_id, "f_token": token, "now": now_ms, "error": str(exc)} for job_id, exc in rows
     ]
@@ -548,7 +548,8 @@ def job_from_values(values: Sequence[Any]) -> Job:
         if status is not None:
             job_id, kind, payload_json, dedupe_key, _, *rest = values
             return Job(job_id, kind, payload_json, dedupe_key, status, *rest)
-    raise CorruptJobError(shown(values[0]), unreadable_reason(values) or "unreadable")
+    job_id = values[0] if isinstance(values[0], str) else shown(values[0])
+    raise CorruptJobError(job_id, unreadable_reason(values) or "unreadable")
 
 
 def _values(row: Row[Any] | Mapping[str, Any]) -> tuple[Any, ...]:

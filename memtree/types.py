@@ -287,7 +287,7 @@ def decode_payload(text: str) -> Any:
     if not isinstance(text, str):
         raise ValueError(f"payload_json is {type(text).__name__}, not text")
     if _nests_too_deep(text):
-        raise ValueError(f"payload_json is {_TOO_DEEP}")
+        raise ValueError(f"payload is {_TOO_DEEP}")
     return json.loads(text, parse_constant=_reject_constant)
 
 
