@@ -8,10 +8,10 @@ the table memtree shares with the original Rust crate.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import accumulate, repeat
 from typing import TYPE_CHECKING, Any
 
 from memtree.errors import InvalidJobError
@@ -234,26 +234,27 @@ def check_kind(kind: object) -> str:
 
 #: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
 _PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-#: A JSON string (skipped: brackets inside it do not nest) or one bracket.
-_JSON_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+#: Drops every ASCII character but brackets (``str.translate`` is fastest on ASCII); any
+#: other character left over counts 0 in the running sum below.
+_ONLY_BRACKETS = {code: None for code in range(128) if chr(code) not in "[]{}"}
+_NESTING_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _nests_too_deep(text: str) -> bool:
     """Whether ``text`` nests arrays and objects deeper than :data:`MAX_PAYLOAD_DEPTH`.
-    Iterative, so it answers for any depth in any thread; text with no more brackets than
-    the limit (nearly every payload) is answered by two counts alone."""
+
+    Iterative, so it answers for any depth in any thread. Text with no more brackets than
+    the limit (nearly every payload) is answered by two counts; the rest drops escapes
+    (only strings hold them) and then the strings (what lies between an odd quote and the
+    next), and sums the brackets left over: all in C, a few times cheaper than parsing.
+    """
     if text.count("[") + text.count("{") <= MAX_PAYLOAD_DEPTH:
         return False
-    depth = 0
-    for match in _JSON_NESTING.finditer(text):
-        token = match.group()
-        if token in ("[", "{"):
-            depth += 1
-            if depth > MAX_PAYLOAD_DEPTH:
-                return True
-        elif token in ("]", "}"):
-            depth -= 1
-    return False
+    if "\\" in text:
+        text = text.replace("\\\\", "").replace('\\"', "")
+    brackets = "".join(text.split('"')[::2]).translate(_ONLY_BRACKETS)
+    depths = accumulate(map(_NESTING_STEP.get, brackets, repeat(0)))
+    return max(depths, default=0) > MAX_PAYLOAD_DEPTH
 
 
 _TOO_DEEP = f"nested more than {MAX_PAYLOAD_DEPTH} levels deep (MAX_PAYLOAD_DEPTH)"

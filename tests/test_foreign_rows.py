@@ -88,8 +88,8 @@ def test_payload_depth_is_limited_to_a_fixed_documented_maximum() -> None:
     for depth in (MAX_PAYLOAD_DEPTH + 1, 990, 992, 5_000):
         with pytest.raises(InvalidJobError, match="nested more than 100 levels deep"):
             NewJob("k", nested_value(depth))
-    # Brackets inside strings do not nest.
-    payload = {"text": "[" * 500 + "{" * 500, "list": [[1, 2]] * 200}
+    # Brackets inside strings do not nest, nor do escaped quotes end a string.
+    payload = {"text": "[" * 500 + '\\"{' * 500, "é": '\\"', "list": [[1, 2]] * 200}
     assert NewJob("k", payload).payload == payload
 
 
