@@ -738,10 +738,9 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     table = Table(show_header=False, show_edge=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for name in store.JOB_COLUMNS:
+    for name, value in zip(store.JOB_COLUMNS, values, strict=True):
         if name in ("payload_json", "last_error"):
             continue
-        value = data[name]
         shown = _shown_ms(value) if name.endswith("_ms") else _text(value)
         table.add_row(name, Text("-" if value is None else shown))
     console = Console()
@@ -751,7 +750,7 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     console.print("[bold]payload")
     if "payload_error" in data:
         console.print(Text(f"(not parsed: {data['payload_error']})", style="yellow"))
-        console.print(_text(data["payload_json"]), markup=False, highlight=False)
+        console.print(_text(values[store.JOB_COLUMNS.index("payload_json")]), markup=False)
     else:
         console.print_json(data=data["payload"])
     if data["last_error"]:

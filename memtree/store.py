@@ -383,8 +383,8 @@ def _fail_unreadable_statement() -> Update:
             completed_at_ms=bindparam("now"),
             locked_until_ms=literal_column("NULL"),
             last_error=bindparam("error"),
-            failure_reason=literal_column("'unreadable_row'"),
-            failure_class=literal_column("'unrecoverable'"),
+            failure_reason=literal(UNREADABLE_ROW),
+            failure_class=literal(FailureClass.UNRECOVERABLE.value),
         )
     )
 
@@ -490,7 +490,7 @@ _TEXT = (str,)
 _INTEGER = (int,)
 _OPTIONAL_TEXT = (str, type(None))
 _OPTIONAL_INTEGER = (int, type(None))
-#: The Python types each column's value may have in a readable row, in JOB_COLUMNS order.
+#: The Python types a column's value may have in a row a :class:`Job` can be built from.
 _COLUMN_TYPES: dict[str, tuple[type, ...]] = {
     "id": _TEXT,
     "kind": _TEXT,
@@ -552,14 +552,10 @@ def job_from_values(values: Sequence[Any]) -> Job:
     raise CorruptJobError(job_id, unreadable_reason(values) or "unreadable")
 
 
-def _values(row: Row[Any] | Mapping[str, Any]) -> tuple[Any, ...]:
-    data = row._mapping if isinstance(row, Row) else row
-    return tuple(data.get(name) for name in JOB_COLUMNS)
-
-
 def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
     """A :class:`Job` from a full row; an unreadable one is a :class:`CorruptJobError`."""
-    return job_from_values(_values(row))
+    data = row._mapping if isinstance(row, Row) else row
+    return job_from_values(tuple(data.get(name) for name in JOB_COLUMNS))
 
 
 def cancel_requested(executor: Executor, ids: Sequence[str]) -> set[str]:
