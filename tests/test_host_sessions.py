@@ -206,3 +206,65 @@ def test_a_session_of_the_wrong_kind_is_refused_where_it_is_passed(db_url: str) 
             memtree.mark_done("session", None)  # type: ignore[arg-type]
     finally:
         engine.dispose()
+
+
+def test_a_fastapi_dependency_session_enqueues_with_the_request_sync_and_async(
+    flask_db_url: str,
+) -> None:
+    """A FastAPI app whose endpoints get their session from a dependency (sync) and an
+    ``AsyncSession`` from another (async): each enqueue commits with the request's writes
+    or rolls back with them."""
+    from collections.abc import AsyncIterator, Iterator
+
+    from fastapi import Depends, FastAPI, HTTPException
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session
+
+    engine = sqlalchemy.create_engine(flask_db_url)
+    Base.metadata.create_all(engine, tables=[Order.__table__])
+    queue = Queue(engine)
+    queue.migrate()
+    async_engine = create_async_engine(_async_url(flask_db_url))
+    async_factory = async_sessionmaker(async_engine)
+
+    def get_session() -> Iterator[Session]:
+        with Session(engine) as session, session.begin():
+            yield session
+
+    async def get_async_session() -> AsyncIterator[AsyncSession]:
+        async with async_factory() as session, session.begin():
+            yield session
+
+    api = FastAPI()
+
+    @api.post("/orders/{note}")
+    def create(note: str, session: Session = Depends(get_session)) -> dict[str, Any]:
+        session.add(Order(note=note))
+        job_id = memtree.enqueue(session, NewJob("send_receipt", {"note": note}))
+        if note == "doomed":
+            raise HTTPException(status_code=402, detail="payment refused")
+        return {"job_id": job_id}
+
+    @api.post("/async-orders/{note}")
+    async def create_async(
+        note: str, session: AsyncSession = Depends(get_async_session)
+    ) -> dict[str, Any]:
+        session.add(Order(note=note))
+        job_id = await memtree.enqueue_async(session, NewJob("send_receipt", {"note": note}))
+        if note == "doomed-async":
+            raise HTTPException(status_code=402, detail="payment refused")
+        return {"job_id": job_id}
+
+    try:
+        with TestClient(api) as client:
+            assert client.post("/orders/paid").status_code == 200
+            assert client.post("/orders/doomed").status_code == 402
+            assert client.post("/async-orders/paid-async").status_code == 200
+            assert client.post("/async-orders/doomed-async").status_code == 402
+        with Session(engine) as session:
+            notes = sorted(session.scalars(select(Order.note)))
+        assert notes == ["paid", "paid-async"]
+        assert sorted(job.payload["note"] for job in queue.list_jobs()) == notes
+    finally:
+        asyncio.run(async_engine.dispose())
+        engine.dispose()
