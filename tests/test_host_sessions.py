@@ -238,7 +238,7 @@ def test_a_fastapi_dependency_session_enqueues_with_the_request_sync_and_async(
     api = FastAPI()
 
     @api.post("/orders/{note}")
-    def create(note: str, session: Session = Depends(get_session)) -> dict[str, Any]:
+    def create(note: str, session: Session = Depends(get_session)) -> dict[str, Any]:  # noqa: B008
         session.add(Order(note=note))
         job_id = memtree.enqueue(session, NewJob("send_receipt", {"note": note}))
         if note == "doomed":
@@ -247,7 +247,8 @@ def test_a_fastapi_dependency_session_enqueues_with_the_request_sync_and_async(
 
     @api.post("/async-orders/{note}")
     async def create_async(
-        note: str, session: AsyncSession = Depends(get_async_session)
+        note: str,
+        session: AsyncSession = Depends(get_async_session),  # noqa: B008
     ) -> dict[str, Any]:
         session.add(Order(note=note))
         job_id = await memtree.enqueue_async(session, NewJob("send_receipt", {"note": note}))
