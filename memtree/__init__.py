@@ -4,11 +4,12 @@ Enqueue in the same transaction as your domain writes, claim under leases fenced
 their claim, settle exactly once. SQLite by default, PostgreSQL to scale.
 """
 
-from memtree.engine import create_engine
+from memtree.engine import configure_engine, create_engine
 from memtree.errors import (
     ConfigurationError,
     CorruptJobError,
     DatabaseError,
+    DatabaseFileChangedError,
     InvalidJobError,
     MemtreeError,
     SchemaError,
@@ -24,6 +25,7 @@ from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
+    DEFAULT_SELF_HEAL_LIMIT,
     RETIRED_JOB_KINDS,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
@@ -38,12 +40,15 @@ from memtree.types import (
     backoff_ms,
     is_retired_kind,
 )
+from memtree.worker import DEFAULT_GATES, Defer, Gate, Handlers, JobContext, Worker
 
 __all__ = [
     "DEFAULT_CLAIM_ORDER",
+    "DEFAULT_GATES",
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
+    "DEFAULT_SELF_HEAL_LIMIT",
     "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
@@ -51,9 +56,14 @@ __all__ = [
     "ConfigurationError",
     "CorruptJobError",
     "DatabaseError",
+    "DatabaseFileChangedError",
+    "Defer",
     "FailureClass",
+    "Gate",
+    "Handlers",
     "InvalidJobError",
     "Job",
+    "JobContext",
     "JobFailure",
     "JobKind",
     "JobStatus",
@@ -67,7 +77,9 @@ __all__ = [
     "SchemaOutdatedError",
     "SettledBatch",
     "UnsupportedDatabaseError",
+    "Worker",
     "backoff_ms",
+    "configure_engine",
     "create_engine",
     "enqueue",
     "enqueue_async",

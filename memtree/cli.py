@@ -6,9 +6,9 @@ database password never appears in output.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -27,12 +27,12 @@ from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
-from memtree import migration
+from memtree import migration, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url
-from memtree.errors import DatabaseError, MemtreeError
+from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
-from memtree.types import CancelOutcome, Job, JobStatus, NewJob
+from memtree.types import CancelOutcome, JobStatus, NewJob, decode_payload
 
 __all__ = ["main"]
 
@@ -74,7 +74,28 @@ class Context:
         self.sqlite_journal_mode = sqlite_journal_mode
 
     def engine(self) -> Engine:
+        """An engine on the URL; SQLite creates a missing file (``db upgrade`` relies on it)."""
         return create_engine(self.database_url, sqlite_journal_mode=self.sqlite_journal_mode)
+
+    def existing_engine(self) -> Engine:
+        """An engine on a database that must exist already: a missing SQLite file is an
+        error, not a new empty file, since it cannot hold memtree's schema."""
+        missing = _missing_sqlite_file(self.database_url)
+        if missing is not None:
+            raise ConfigurationError(
+                f"the SQLite file {missing} does not exist (create it with `memtree db upgrade`)"
+            )
+        return self.engine()
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or os.path.exists(database):
+        return None
+    return database
 
 
 database_url_option = click.option(
@@ -147,14 +168,36 @@ def downgrade(obj: Context, revision: str) -> None:
 @db.command()
 @click.pass_obj
 @_one_line_errors
+def stamp(obj: Context) -> None:
+    """Record the revision mem_tree_jobs' layout matches, if memtree_alembic_version was lost."""
+    engine = obj.engine()
+    try:
+        stamped = migration.stamp(engine)
+        revision = migration.current(engine)
+        if stamped is None:
+            click.echo(f"{migration.VERSION_TABLE} already records {revision}: nothing to stamp")
+            return
+        head = migration.head_revision()
+        advice = "" if stamped == head else f"; `memtree db upgrade` brings it to {head}"
+        click.echo(f"stamped {stamped}: {_safe_url(obj.database_url)} is at {revision}{advice}")
+    finally:
+        engine.dispose()
+
+
+@db.command()
+@click.pass_obj
+@_one_line_errors
 def current(obj: Context) -> None:
     """Print the database's memtree revision."""
     engine = obj.engine()
     try:
         with engine.connect() as conn:
             revision = migration.schema_revision(conn)
+            lost = revision is None and migration.revision_lost(conn)
         head = migration.head_revision()
         state = "head" if revision == head else f"head is {head}"
+        if lost:
+            state += "; mem_tree_jobs is there but its revision is lost: run `memtree db stamp`"
         click.echo(f"{revision or 'none'} ({state})")
     finally:
         engine.dispose()
@@ -211,12 +254,18 @@ else:  # click's ParamType is generic only for type checkers on some versions
 
 
 class Duration(_ParamType):
+    """A duration in milliseconds; ``min_ms`` refuses shorter ones (such as a 0 s lease)."""
+
     name = "duration"
 
+    def __init__(self, min_ms: int = 0) -> None:
+        self.min_ms = min_ms
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        return parse_duration_ms(str(value))
+        ms = value if isinstance(value, int) else parse_duration_ms(str(value))
+        if ms < self.min_ms:
+            self.fail(f"{value!r} is shorter than {self.min_ms}ms", param, ctx)
+        return ms
 
 
 def load_handlers(target: str) -> Any:
@@ -262,12 +311,25 @@ def _serve_metrics(queue: Queue, port: int, addr: str) -> Any:
 
 @main.command()
 @click.option("--app", "app", required=True, help="module:attribute of a kind -> handler mapping.")
-@click.option("--concurrency", default=4, show_default=True, help="Handler threads.")
 @click.option(
-    "--lease", type=Duration(), default=None, help="Lease of a claim (default: 5m), e.g. 30s."
+    "--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Threads."
 )
-@click.option("--poll-interval", type=float, default=None, help="Idle poll, seconds.")
-@click.option("--shutdown-grace", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option(
+    "--lease", type=Duration(min_ms=1), default=None, help="Lease of a claim (default: 5m)."
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Idle poll, seconds.",
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds.",
+)
 @click.option(
     "--retention",
     type=Duration(),
@@ -278,7 +340,7 @@ def _serve_metrics(queue: Queue, port: int, addr: str) -> Any:
 @click.option("--no-gates", is_flag=True, help="Run without the default LLM gate.")
 @click.option(
     "--metrics-port",
-    type=int,
+    type=click.IntRange(1, 65535),
     default=None,
     help="Serve Prometheus metrics on this port (needs memtree[metrics]).",
 )
@@ -315,8 +377,8 @@ def worker(
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     handlers = load_handlers(app)
-    engine = obj.engine()
-    queue = Queue(engine, lock_duration_ms=lease or DEFAULT_LOCK_DURATION_MS)
+    engine = obj.existing_engine()
+    queue = Queue(engine, lock_duration_ms=DEFAULT_LOCK_DURATION_MS if lease is None else lease)
     try:
         with queue.transaction():
             pass  # fail now, clearly, on a missing or outdated schema
@@ -328,7 +390,9 @@ def worker(
             poll_interval_s=poll_interval,
             shutdown_grace_s=shutdown_grace,
             retention_ms=retention,
-            metrics=_serve_metrics(queue, metrics_port, metrics_addr) if metrics_port else None,
+            metrics=None
+            if metrics_port is None
+            else _serve_metrics(queue, metrics_port, metrics_addr),
         )
         click.echo(
             f"memtree worker {runner.name} on {_safe_url(obj.database_url)}: "
@@ -385,7 +449,7 @@ def demo(ctx: click.Context, db_path: str | None, corpus: str | None) -> None:
 
 @contextmanager
 def _open_queue(obj: Context) -> Iterator[Queue]:
-    engine = obj.engine()
+    engine = obj.existing_engine()
     try:
         yield Queue(engine)
     finally:
@@ -401,6 +465,13 @@ def _iso(ms: int | None) -> str:
         return str(ms)
 
 
+def _shown_ms(value: Any) -> str:
+    """A time column's value: an ISO time for an integer, the repr of anything else."""
+    if value is None:
+        return "-"
+    return _iso(value) if type(value) is int else repr(value)
+
+
 def _ago(ms: int) -> str:
     seconds = abs(ms) / 1000
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -409,14 +480,42 @@ def _ago(ms: int) -> str:
     return f"{seconds:.1f}s"
 
 
-def _job_dict(job: Job) -> dict[str, Any]:
-    data = dataclasses.asdict(job)
-    data["status"] = job.status.value
+def _plain(value: Any) -> Any:
+    """A column's value as JSON can hold it: a value of a type memtree never writes (a BLOB,
+    a fraction, an infinity another program left) by its repr."""
+    if value is None or type(value) in (str, int):
+        return value
+    if type(value) is float and math.isfinite(value):
+        return value
+    return repr(value)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def _row_dict(values: tuple[Any, ...]) -> dict[str, Any]:
+    """Every column of a row, readable or not, its parsed payload, and what could not be read:
+    ``payload_error`` when the payload does not parse, ``unreadable`` when no job can be
+    built from the row."""
+    data = {name: _plain(value) for name, value in zip(store.JOB_COLUMNS, values, strict=True)}
     try:
-        data["payload"] = job.payload
-    except ValueError:
+        data["payload"] = decode_payload(values[store.JOB_COLUMNS.index("payload_json")])
+    except ValueError as exc:
         data["payload"] = None
+        data["payload_error"] = str(exc)
+    problem = store.unreadable_reason(values)
+    if problem is not None:
+        data["unreadable"] = problem
     return data
+
+
+def _list_rows(
+    queue: Queue, *, status: JobStatus | None = None, kind: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    with queue.transaction() as conn:
+        rows = store.list_rows(conn, status=status, kind=kind, limit=limit)
+    return [_row_dict(values) for values in rows]
 
 
 def _echo_json(value: Any) -> None:
@@ -431,19 +530,21 @@ def _status_report(queue: Queue, url: str) -> dict[str, Any]:
         by_kind.setdefault(kind, {})[status] = count
         totals[status] = totals.get(status, 0) + count
     due = queue.next_due_ms()
-    running = [
-        {
-            "id": job.id,
-            "kind": job.kind,
-            "attempts": job.attempts,
-            "locked_until_ms": job.locked_until_ms,
-            "lease_expires_in_ms": None
-            if job.locked_until_ms is None
-            else job.locked_until_ms - now,
-            "cancel_requested": job.cancel_requested_at_ms is not None,
-        }
-        for job in queue.list_jobs(status=JobStatus.RUNNING, limit=50)
-    ]
+    running = []
+    for row in _list_rows(queue, status=JobStatus.RUNNING, limit=50):
+        until = row["locked_until_ms"]
+        running.append(
+            {
+                "id": _text(row["id"]),
+                "kind": _text(row["kind"]),
+                "attempts": row["attempts"],
+                "locked_until_ms": until,
+                "lease_expires_in_ms": until - now if type(until) is int else None,
+                "cancel_requested": row["cancel_requested_at_ms"] is not None,
+            }
+        )
+    with queue.transaction() as conn:
+        unreadable = store.count_unreadable(conn)
     return {
         "database": url,
         "now_ms": now,
@@ -454,6 +555,7 @@ def _status_report(queue: Queue, url: str) -> dict[str, Any]:
         "running": running,
         "failed_unrecoverable": queue.count_failed_unrecoverable(),
         "retired": queue.count_retired(),
+        "unreadable": unreadable,
     }
 
 
@@ -476,6 +578,11 @@ def _render_status(report: dict[str, Any]) -> Group:
     lines.append(f"failed, unrecoverable: {report['failed_unrecoverable']}")
     if report["retired"]:
         lines.append(f"rows of retired kinds: {report['retired']} (purged when a worker starts)")
+    if report["unreadable"]:
+        lines.append(
+            f"rows memtree cannot read: {report['unreadable']} (another program's; "
+            "see `memtree jobs list`)"
+        )
     parts: list[Any] = [summary, Text("\n".join(lines))]
     if report["running"]:
         running = Table(title="running", show_edge=False)
@@ -490,7 +597,7 @@ def _render_status(report: dict[str, Any]) -> Group:
             )
             if job["cancel_requested"]:
                 lease += " (cancel requested)"
-            running.add_row(job["id"], job["kind"], str(job["attempts"]), lease)
+            running.add_row(Text(job["id"]), Text(job["kind"]), str(job["attempts"]), lease)
         parts.append(running)
     return Group(*parts)
 
@@ -541,9 +648,10 @@ def enqueue(
 ) -> None:
     """Enqueue a job of KIND."""
     try:
-        value = json.loads(payload)
+        value = decode_payload(payload)
     except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+        prefix = "not JSON: " if isinstance(exc, json.JSONDecodeError) else ""
+        raise click.BadParameter(f"{prefix}{exc}", param_hint="--payload") from None
     if delay is not None and at is not None:
         raise click.UsageError("give --delay or --at, not both")
     with _open_queue(obj) as queue:
@@ -584,22 +692,30 @@ def jobs_list(
 ) -> None:
     """The newest jobs, filtered by status and kind."""
     with _open_queue(obj) as queue:
-        found = queue.list_jobs(status=status_, kind=kind, limit=limit)
+        found = _list_rows(
+            queue, status=None if status_ is None else JobStatus(status_), kind=kind, limit=limit
+        )
     if as_json:
-        _echo_json([_job_dict(job) for job in found])
+        _echo_json(found)
         return
     table = Table(show_edge=False)
     for column in ("id", "kind", "status", "attempts", "due", "last error"):
         table.add_column(column, overflow="fold")
-    for job in found:
-        error = scrub(job.last_error or "", max_bytes=80)
+    for row in found:
+        problem = row.get("unreadable")
+        error = f"unreadable: {problem}" if problem else _text(row["last_error"] or "")
         table.add_row(
-            job.id,
-            job.kind,
-            job.status.value,
-            f"{job.attempts}/{job.max_attempts}",
-            _iso(job.available_at_ms),
-            error,
+            *(
+                Text(text)
+                for text in (
+                    _text(row["id"]),
+                    _text(row["kind"]),
+                    _text(row["status"]),
+                    f"{row['attempts']}/{row['max_attempts']}",
+                    _shown_ms(row["available_at_ms"]),
+                    scrub(error, max_bytes=80),
+                )
+            )
         )
     Console().print(table)
 
@@ -611,31 +727,35 @@ def jobs_list(
 @_one_line_errors
 def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     """Every column of one job, its payload pretty-printed, and its last error."""
-    with _open_queue(obj) as queue:
-        job = queue.get_job(job_id)
-    if job is None:
+    with _open_queue(obj) as queue, queue.transaction() as conn:
+        values = store.get_row(conn, job_id)
+    if values is None:
         raise click.ClickException(f"no job with id {job_id!r}")
-    data = _job_dict(job)
+    data = _row_dict(values)
     if as_json:
         _echo_json(data)
         return
     table = Table(show_header=False, show_edge=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for name, value in data.items():
-        if name in ("payload", "payload_json", "last_error"):
+    for name, value in zip(store.JOB_COLUMNS, values, strict=True):
+        if name in ("payload_json", "last_error"):
             continue
-        shown = _iso(value) if name.endswith("_ms") and isinstance(value, int) else value
-        table.add_row(name, "-" if shown is None else str(shown))
+        shown = _shown_ms(value) if name.endswith("_ms") else _text(value)
+        table.add_row(name, Text("-" if value is None else shown))
     console = Console()
     console.print(table)
+    if "unreadable" in data:
+        console.print(Text(f"cannot read this row as a job: {data['unreadable']}", style="red"))
     console.print("[bold]payload")
-    console.print_json(job.payload_json) if data["payload"] is not None else console.print(
-        job.payload_json
-    )
-    if job.last_error:
+    if "payload_error" in data:
+        console.print(Text(f"(not parsed: {data['payload_error']})", style="yellow"))
+        console.print(_text(values[store.JOB_COLUMNS.index("payload_json")]), markup=False)
+    else:
+        console.print_json(data=data["payload"])
+    if data["last_error"]:
         console.print("[bold]last error")
-        console.print(job.last_error, markup=False, highlight=False)
+        console.print(_text(data["last_error"]), markup=False, highlight=False)
 
 
 @jobs.command("retry")
@@ -660,7 +780,8 @@ def jobs_retry(obj: Context, job_id: str | None, all_failed: bool, transient_onl
                 f"job {job_id} is {job.status.value}: only failed or cancelled jobs whose "
                 "dedupe key is free can be retried"
             )
-        count = queue.requeue_transient_failed() if transient_only else queue.requeue_failed()
+        # An operator's retry, not a self-heal: unbounded, and heal counts start over.
+        count = queue.requeue_transient_failed(None) if transient_only else queue.requeue_failed()
     click.echo(f"requeued {count} jobs")
 
 

@@ -4,14 +4,16 @@ The hierarchy::
 
     MemtreeError
     ├── InvalidJobError          bad input to enqueue; nothing was written
-    ├── ConfigurationError       a Queue or Worker setting that cannot work
+    ├── ConfigurationError       a setting, handler or argument memtree cannot work with
     ├── SchemaError              the database and this memtree disagree on the schema
     │   ├── SchemaMissingError   no memtree schema at all: run ``memtree db upgrade``
     │   ├── SchemaOutdatedError  an older memtree schema: run ``memtree db upgrade``
+    │   │                        (a lost revision record: run ``memtree db stamp``)
     │   └── SchemaNewerError     the database was migrated by a newer memtree
     ├── CorruptJobError          a stored row memtree cannot read (reported with its id)
     ├── UnsupportedDatabaseError a database memtree has no dialect for
     └── DatabaseError            the database failed underneath an operation
+        └── DatabaseFileChangedError  a worker's SQLite file was deleted or replaced
 
 Driver exceptions are translated once, at the store boundary, into
 :class:`SchemaMissingError` (when the table is absent) or :class:`DatabaseError`
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptJobError",
     "DatabaseError",
+    "DatabaseFileChangedError",
     "InvalidJobError",
     "MemtreeError",
     "SchemaError",
@@ -45,7 +48,9 @@ class InvalidJobError(MemtreeError, ValueError):
 
 
 class ConfigurationError(MemtreeError, ValueError):
-    """A setting rejected when the queue or worker was built."""
+    """A setting, handler or argument rejected where it was given (a Queue or Worker
+    setting when it is built, a handler when it is registered, a session of the wrong
+    kind when it is passed)."""
 
 
 class SchemaError(MemtreeError):
@@ -64,11 +69,16 @@ class SchemaMissingError(SchemaError):
 
 
 class SchemaOutdatedError(SchemaError):
-    """The database was migrated by an older memtree."""
+    """The database was migrated by an older memtree, or its revision record was lost.
 
-    def __init__(self, current: str, head: str) -> None:
+    ``message``, when given, replaces the advice to upgrade (a lost record is mended
+    with ``memtree db stamp`` first).
+    """
+
+    def __init__(self, current: str, head: str, message: str | None = None) -> None:
         super().__init__(
-            f"the database's memtree schema is at revision {current}, this memtree needs "
+            message
+            or f"the database's memtree schema is at revision {current}, this memtree needs "
             f"{head}: run `memtree db upgrade` (or Queue.migrate())"
         )
         self.current = current
@@ -107,3 +117,20 @@ class UnsupportedDatabaseError(MemtreeError):
 
 class DatabaseError(MemtreeError):
     """The database failed underneath a memtree operation (see ``__cause__``)."""
+
+
+class DatabaseFileChangedError(DatabaseError):
+    """The SQLite file a worker works was deleted or replaced by another file under it.
+
+    The worker stops rather than go on settling jobs into a file nobody can see any more
+    (the connections it holds still write to the deleted one) or into a different one.
+    """
+
+    def __init__(self, path: str, change: str) -> None:
+        super().__init__(
+            f"the SQLite database file {path} was {change} while the worker ran; it stopped "
+            "without settling anything more there: start the worker again to work the file "
+            "now at that path"
+        )
+        self.path = path
+        self.change = change

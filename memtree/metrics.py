@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from memtree.errors import ConfigurationError
 from memtree.types import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ class Metrics:
         self.done = counter("done", "Jobs this worker settled done.")
         self.failed = counter("failed", "Failed runs (retried or final) settled by this worker.")
         self.deferred = counter("deferred", "Runs this worker settled deferred.")
+        self.released = counter(
+            "released",
+            "Runs this worker released after an infrastructure error, attempt given back.",
+        )
         self.cancelled = counter("cancelled", "Runs that ended cancelled in this worker.")
         self.lost = counter("lease_lost", "Runs whose lease was lost before they settled.")
         self.recovered = Counter(
@@ -63,11 +68,12 @@ class Metrics:
         self.waiting.labels(job.kind).observe(max(now_ms - job.available_at_ms, 0) / 1000)
 
     def on_finished(self, job: Job, outcome: str, duration_s: float) -> None:
-        """``outcome`` is done, failed, deferred, cancelled or lease_lost."""
+        """``outcome`` is done, failed, deferred, released, cancelled or lease_lost."""
         counter = {
             "done": self.done,
             "failed": self.failed,
             "deferred": self.deferred,
+            "released": self.released,
             "cancelled": self.cancelled,
             "lease_lost": self.lost,
         }[outcome]
@@ -99,8 +105,14 @@ class QueueCollector(Collector):
 
 
 def serve(queue: Queue, port: int, addr: str = "127.0.0.1") -> Metrics:
-    """Expose this process's metrics over HTTP on ``addr:port``; returns the worker's Metrics."""
+    """Expose this process's metrics over HTTP on ``addr:port``; returns the worker's Metrics.
+
+    A port that cannot be bound (in use, out of range) is a :class:`ConfigurationError`."""
+    try:
+        start_http_server(port, addr=addr)
+    except (OSError, OverflowError) as exc:  # in use, not permitted, out of range, bad host
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot serve metrics on {addr}:{port}: {reason}") from None
     metrics = Metrics()
     REGISTRY.register(QueueCollector(queue))
-    start_http_server(port, addr=addr)
     return metrics

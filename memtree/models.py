@@ -1,4 +1,5 @@
-"""The declarative model of ``mem_tree_jobs``: the original crate's table, plus a lease token.
+"""The declarative model of ``mem_tree_jobs``: the original crate's table, plus memtree's
+own columns (lease token, cancel request, heal count).
 
 The columns, types, defaults and index names are the original's, so a database made
 by the Rust crate and one made by ``memtree db upgrade`` are the same table. Times
@@ -66,6 +67,9 @@ class MemTreeJob(Base):
     lease_token: Mapped[str | None] = mapped_column(Text)
     # memtree's own: when a running job was asked to stop (its worker polls for it).
     cancel_requested_at_ms: Mapped[int | None] = mapped_column(Millis)
+    # memtree's own: how many times self-heal revived this job from ``failed`` (bounded
+    # by the self-heal limit; an operator's requeue sets it back to 0).
+    heal_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
 
     __table_args__ = (
         Index("idx_mem_tree_jobs_ready", "status", "available_at_ms"),

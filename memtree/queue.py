@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import URL, Connection, Engine
+from sqlalchemy.orm import Session, scoped_session
 
 from memtree import migration, settle, store, tracing, wakeup
 from memtree.dialects import dialect_for
@@ -33,6 +34,7 @@ from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
+    DEFAULT_SELF_HEAL_LIMIT,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
     CancelOutcome,
@@ -45,9 +47,11 @@ from memtree.types import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
 
 __all__ = [
+    "AsyncCallerTransaction",
+    "CallerTransaction",
     "Clock",
     "Queue",
     "enqueue",
@@ -186,6 +190,8 @@ class Queue:
         if revision is None:
             from sqlalchemy import inspect
 
+            if migration.revision_lost(conn):
+                raise SchemaOutdatedError("unrecorded", head, migration.LOST_REVISION)
             if inspect(conn).has_table("mem_tree_jobs"):
                 raise SchemaOutdatedError("the original's unversioned table", head)
             raise SchemaMissingError()
@@ -356,6 +362,12 @@ class Queue:
                 max_defer_age_ms=self.max_defer_age_ms,
             )
 
+    def mark_released(self, job: Job, until_ms: int, reason: object) -> bool:
+        """Back to ``ready`` at ``until_ms``, attempt given back, after a failure that is not
+        the job's own (the database was unreachable); False if the lease was lost."""
+        with self.transaction() as conn:
+            return settle.mark_released(conn, job, until_ms, reason)
+
     def extend_lease(self, job: Job, lock_duration_ms: int | None = None) -> bool:
         """Heartbeat: push the job's lease forward; False if it was lost."""
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
@@ -427,9 +439,17 @@ class Queue:
         with self.transaction() as conn:
             return store.count_retired(conn)
 
-    def requeue_transient_failed(self) -> int:
+    def requeue_transient_failed(
+        self, self_heal_limit: int | None = DEFAULT_SELF_HEAL_LIMIT
+    ) -> int:
+        """Self-heal: failed jobs that are not ``unrecoverable`` and were self-healed fewer
+        than ``self_heal_limit`` times get a fresh budget of attempts (0 heals nothing).
+        ``None`` is an operator's retry of them all: unbounded, heal counts start over."""
+        limit = None
+        if self_heal_limit is not None:
+            limit = _positive_int("self_heal_limit", self_heal_limit, allow_zero=True)
         with self.transaction() as conn:
-            count = settle.requeue_transient_failed(conn, now_ms=self.now_ms())
+            count = settle.requeue_transient_failed(conn, now_ms=self.now_ms(), heal_limit=limit)
         return self._made_ready(count)
 
     def next_due_ms(self, kinds: Iterable[str] | None = None) -> int | None:
@@ -496,50 +516,99 @@ class Queue:
 # -- the caller's transaction -----------------------------------------------------------
 
 
-def enqueue(executor: Executor, job: NewJob, *, now_ms: int | None = None) -> str | None:
+#: What the free functions run in: the caller's ``Session`` or ``Connection``, or a
+#: ``scoped_session`` (Flask-SQLAlchemy's ``db.session``), whose current ``Session`` is used.
+CallerTransaction: TypeAlias = "Session | Connection | scoped_session[Any]"
+#: The same for :func:`enqueue_async`.
+AsyncCallerTransaction: TypeAlias = "AsyncSession | AsyncConnection | async_scoped_session[Any]"
+
+
+def _caller(executor: object, what: str) -> Executor:
+    """The caller's ``Session`` or ``Connection``, or a clear error at the point of misuse."""
+    if isinstance(executor, scoped_session):
+        executor = executor()
+    if isinstance(executor, Session | Connection):
+        return executor
+    if isinstance(executor, Engine):
+        raise ConfigurationError(
+            f"memtree.{what} runs in your transaction: pass a Session or Connection, not an "
+            f"Engine (Queue(engine).{what}(...) runs in a transaction of its own)"
+        )
+    hint = " (use memtree.enqueue_async for an AsyncSession)" if _is_async(executor) else ""
+    raise ConfigurationError(
+        f"memtree.{what} needs a Session, scoped_session or Connection, "
+        f"not {type(executor).__name__}{hint}"
+    )
+
+
+def _is_async(executor: object) -> bool:
+    module = type(executor).__module__
+    return module.startswith("sqlalchemy.ext.asyncio")
+
+
+def enqueue(executor: CallerTransaction, job: NewJob, *, now_ms: int | None = None) -> str | None:
     """Enqueue inside the caller's ``Session`` or ``Connection``; commits with it, or never."""
+    caller = _caller(executor, "enqueue")
     with (
         tracing.span("memtree.enqueue", {"memtree.kind": str(getattr(job, "kind", ""))}),
         store.translate_errors(),
     ):
-        job_id = store.enqueue(executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
+        job_id = store.enqueue(caller, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
     if job_id is not None:
-        wakeup.after_commit(executor)
+        wakeup.after_commit(caller)
     return job_id
 
 
 def enqueue_many(
-    executor: Executor, jobs: Iterable[NewJob], *, now_ms: int | None = None
+    executor: CallerTransaction, jobs: Iterable[NewJob], *, now_ms: int | None = None
 ) -> list[str | None]:
     """:func:`enqueue` for many jobs, with the same per-position dedupe result as the queue's."""
+    caller = _caller(executor, "enqueue_many")
     with store.translate_errors():
         ids = store.enqueue_many(
-            executor, list(jobs), now_ms=wall_clock_ms() if now_ms is None else now_ms
+            caller, list(jobs), now_ms=wall_clock_ms() if now_ms is None else now_ms
         )
     if any(ids):
-        wakeup.after_commit(executor)
+        wakeup.after_commit(caller)
     return ids
 
 
 def mark_done(
-    executor: Executor, job: Job, followups: Sequence[NewJob] = (), *, now_ms: int | None = None
+    executor: CallerTransaction,
+    job: Job,
+    followups: Sequence[NewJob] = (),
+    *,
+    now_ms: int | None = None,
 ) -> bool:
     """Settle ``done`` inside the caller's transaction, so its writes and the completion
     commit together; False (and nothing enqueued) when the lease was lost."""
+    caller = _caller(executor, "mark_done")
     with store.translate_errors():
         settled = settle.mark_done(
-            executor, job, followups, now_ms=wall_clock_ms() if now_ms is None else now_ms
+            caller, job, followups, now_ms=wall_clock_ms() if now_ms is None else now_ms
         )
     if settled and followups:
-        wakeup.after_commit(executor)
+        wakeup.after_commit(caller)
     return settled
 
 
 async def enqueue_async(
-    executor: AsyncSession | AsyncConnection, job: NewJob, *, now_ms: int | None = None
+    executor: AsyncCallerTransaction, job: NewJob, *, now_ms: int | None = None
 ) -> str | None:
-    """Enqueue inside the caller's ``AsyncSession`` or ``AsyncConnection``."""
+    """Enqueue inside the caller's ``AsyncSession``, ``AsyncConnection`` or
+    ``async_scoped_session``."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+
+    target: object = executor
+    if isinstance(target, async_scoped_session):
+        target = target()
+    if not isinstance(target, AsyncSession | AsyncConnection):
+        raise ConfigurationError(
+            "memtree.enqueue_async needs an AsyncSession, async_scoped_session or "
+            f"AsyncConnection, not {type(target).__name__}"
+            + (" (use memtree.enqueue for a Session)" if not _is_async(target) else "")
+        )
     with store.translate_errors():
         return await store.enqueue_async(
-            executor, job, now_ms=wall_clock_ms() if now_ms is None else now_ms
+            target, job, now_ms=wall_clock_ms() if now_ms is None else now_ms
         )

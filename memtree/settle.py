@@ -48,6 +48,7 @@ from memtree.store import FAILED, READY, RUNNING, Executor
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
+    DEFAULT_SELF_HEAL_LIMIT,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
     CancelOutcome,
@@ -70,6 +71,7 @@ __all__ = [
     "mark_done",
     "mark_done_many",
     "mark_failed",
+    "mark_released",
     "recover_stale_locks",
     "release_running_locks",
     "requeue_failed",
@@ -170,6 +172,19 @@ def _statements() -> dict[str, Update]:
                     (aged_out, literal_column("'defer_age_exceeded'")), else_=NULL
                 ),
                 "failure_class": case((aged_out, UNRECOVERABLE), else_=NULL),
+                "lease_token": NULL,
+            }
+        ),
+        "released": _fenced(
+            {
+                "status": READY,
+                "attempts": bindparam("pre_claim_attempts"),
+                "available_at_ms": bindparam("until"),
+                "locked_until_ms": NULL,
+                "started_at_ms": NULL,
+                "last_error": bindparam("reason"),
+                "failure_reason": NULL,
+                "failure_class": NULL,
                 "lease_token": NULL,
             }
         ),
@@ -462,6 +477,19 @@ def mark_deferred(
     return _settled(executor, "deferred", job, params)
 
 
+def mark_released(executor: Executor, job: Job, until_ms: int, reason: object) -> bool:
+    """Back to ``ready`` at ``until_ms`` with the claim's attempt given back, because the
+    run failed for a reason that is not the job's (the database was unreachable). Unlike
+    :func:`mark_deferred` there is no age cap: an outage does not make a job too old.
+    ``last_error`` keeps the reason's full text."""
+    params = {
+        "pre_claim_attempts": max(job.attempts - 1, 0),
+        "until": check_ms("until_ms", until_ms),
+        "reason": error_text(reason),
+    }
+    return _settled(executor, "released", job, params)
+
+
 def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms: int) -> bool:
     """Push the lease of a running job forward (a heartbeat); False when it was lost."""
     until = store.saturating(now_ms + lock_duration_ms)
@@ -506,20 +534,25 @@ def release_running_locks(
     return store.rowcount(executor.execute(statement, {"now": now_ms}))
 
 
-def _failed(table: Any, transient_only: bool) -> ColumnElement[bool]:
+def _failed(table: Any, transient_only: bool, heal: bool = False) -> ColumnElement[bool]:
     condition: ColumnElement[bool] = table.c.status == FAILED
     if transient_only:
         condition = and_(
             condition,
             or_(table.c.failure_class.is_(None), table.c.failure_class != UNRECOVERABLE),
         )
+    if heal:
+        condition = and_(condition, table.c.heal_count < bindparam("heal_limit"))
     return condition
 
 
 @cache
-def _requeue_statement(transient_only: bool, one: bool = False) -> Update:
+def _requeue_statement(transient_only: bool, one: bool = False, heal: bool = False) -> Update:
     """The requeue: every matching failed row, or (``one``) the failed or cancelled row
-    ``:job_id``; never a row whose dedupe key is active again."""
+    ``:job_id``; never a row whose dedupe key is active again.
+
+    A self-heal (``heal``) only takes rows healed fewer than ``:heal_limit`` times and
+    counts the heal; an operator's requeue starts the row's heal count over."""
     active = jobs.alias("active")
     newer = jobs.alias("newer")
     key_is_free = ~exists(
@@ -530,7 +563,7 @@ def _requeue_statement(transient_only: bool, one: bool = False) -> Update:
     is_newest = ~exists(
         select(newer.c.id)
         .where(newer.c.dedupe_key == jobs.c.dedupe_key)
-        .where(_failed(newer, transient_only))
+        .where(_failed(newer, transient_only, heal))
         .where(
             or_(
                 newer.c.created_at_ms > jobs.c.created_at_ms,
@@ -548,7 +581,7 @@ def _requeue_statement(transient_only: bool, one: bool = False) -> Update:
     else:
         statement = (
             update(jobs)
-            .where(_failed(jobs, transient_only))
+            .where(_failed(jobs, transient_only, heal))
             .where(or_(jobs.c.dedupe_key.is_(None), and_(key_is_free, is_newest)))
         )
     return statement.values(
@@ -563,14 +596,20 @@ def _requeue_statement(transient_only: bool, one: bool = False) -> Update:
         failure_class=NULL,
         lease_token=NULL,
         cancel_requested_at_ms=NULL,
+        heal_count=jobs.c.heal_count + 1 if heal else literal_column("0"),
     )
 
 
 def _requeue(
-    executor: Executor, *, now_ms: int, transient_only: bool, job_id: str | None = None
+    executor: Executor,
+    *,
+    now_ms: int,
+    transient_only: bool,
+    job_id: str | None = None,
+    heal_limit: int | None = None,
 ) -> int:
-    statement = _requeue_statement(transient_only, job_id is not None)
-    params = {"now": now_ms, "job_id": job_id}
+    statement = _requeue_statement(transient_only, job_id is not None, heal_limit is not None)
+    params = {"now": now_ms, "job_id": job_id, "heal_limit": heal_limit}
     for attempt in range(_REQUEUE_RETRIES):
         savepoint = executor.begin_nested()
         try:
@@ -587,17 +626,26 @@ def _requeue(
 
 
 def requeue_failed(executor: Executor, *, now_ms: int) -> int:
-    """Every ``failed`` row back to ``ready`` with a fresh budget, except rows whose key is
-    active again; of several failed rows sharing a key, only the newest."""
+    """Every ``failed`` row back to ``ready`` with a fresh budget (attempts and heals),
+    except rows whose key is active again; of several failed rows sharing a key, only the
+    newest."""
     return _requeue(executor, now_ms=now_ms, transient_only=False)
 
 
 def requeue_job(executor: Executor, job_id: str, *, now_ms: int) -> bool:
-    """One ``failed`` or ``cancelled`` job back to ``ready`` with a fresh budget; False when
-    it is in another status, unknown, or its dedupe key is active again."""
+    """One ``failed`` or ``cancelled`` job back to ``ready`` with a fresh budget (attempts
+    and heals); False when it is in another status, unknown, or its dedupe key is active
+    again."""
     return _requeue(executor, now_ms=now_ms, transient_only=False, job_id=job_id) == 1
 
 
-def requeue_transient_failed(executor: Executor, *, now_ms: int) -> int:
-    """Like :func:`requeue_failed`, leaving ``unrecoverable`` failures parked (self-heal)."""
-    return _requeue(executor, now_ms=now_ms, transient_only=True)
+def requeue_transient_failed(
+    executor: Executor, *, now_ms: int, heal_limit: int | None = DEFAULT_SELF_HEAL_LIMIT
+) -> int:
+    """Self-heal: like :func:`requeue_failed`, leaving ``unrecoverable`` failures parked,
+    and only rows healed fewer than ``heal_limit`` times, each counted as one more heal
+    (0 heals nothing). ``heal_limit=None`` is an operator's requeue of the transient
+    failures: unbounded, and the heal count starts over."""
+    if heal_limit is not None and heal_limit <= 0:
+        return 0
+    return _requeue(executor, now_ms=now_ms, transient_only=True, heal_limit=heal_limit)

@@ -13,10 +13,16 @@ Settlement, every state change after a claim, lives in :mod:`memtree.settle`.
   locks with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait on each
   other nor take the same row.
 - Every claim writes a fresh ``lease_token``; settles are fenced to it.
+- A row another program wrote may hold what memtree never writes (SQLite types loosely:
+  text in an integer column, a BLOB payload). Such a row is that row's problem only: due
+  times are read from integers alone, a claimed row that cannot be read as a :class:`Job`
+  is failed (``unreadable_row``, unrecoverable) in the claim's own transaction while the
+  rest of the claim is returned, and the raw reads below let the CLI show what it can.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,6 +30,7 @@ from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Row,
     Select,
@@ -34,8 +41,10 @@ from sqlalchemy import (
     func,
     literal,
     literal_column,
+    or_,
     select,
     union_all,
+    update,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import CursorResult, Result
@@ -53,6 +62,7 @@ from memtree.errors import (
 from memtree.models import TABLE_NAME, MemTreeJob, jobs
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
+    MAX_MS,
     RETIRED_JOB_KINDS,
     FailureClass,
     Job,
@@ -72,13 +82,16 @@ __all__ = [
     "count_failed_unrecoverable",
     "count_retired",
     "count_total",
+    "count_unreadable",
     "dialect_of",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
     "get_job",
+    "get_row",
     "job_from_row",
     "list_jobs",
+    "list_rows",
     "new_job_id",
     "next_due_ms",
     "prune",
@@ -89,6 +102,8 @@ __all__ = [
     "translate_errors",
 ]
 
+log = logging.getLogger("memtree.store")
+
 #: Anything memtree can run a statement on inside the caller's transaction.
 Executor: TypeAlias = Connection | Session
 
@@ -97,6 +112,13 @@ Executor: TypeAlias = Connection | Session
 READY: ColumnClause[str] = literal_column("'ready'")
 RUNNING: ColumnClause[str] = literal_column("'running'")
 FAILED: ColumnClause[str] = literal_column("'failed'")
+# Every due time memtree writes is in this range; on SQLite text and BLOB values sort above
+# any number and infinities lie outside it, so the range (which the ready and claim
+# indexes serve) leaves them out.
+_MIN_MS = literal(-MAX_MS - 1, BigInteger())
+_MAX_MS = literal(MAX_MS, BigInteger())
+#: ``failure_reason`` of a claimed row that could not be read as a job.
+UNREADABLE_ROW = "unreadable_row"
 
 _MAX_ATTEMPTS = 2**31 - 1
 
@@ -131,6 +153,8 @@ def translate_errors() -> Iterator[None]:
             or 'column "lease_token" does not exist' in text
             or "no such column: cancel_requested_at_ms" in text
             or 'column "cancel_requested_at_ms" does not exist' in text
+            or "no such column: heal_count" in text
+            or 'column "heal_count" does not exist' in text
             or "no such column: failure_" in text
             or ('column "failure_' in text and "does not exist" in text)
         )
@@ -325,18 +349,58 @@ def claim(
     if limit < 1:
         return []
     statement = _claim_statement(dialect_of(executor).name, claim_order, kinds)
+    token = uuid.uuid4().hex
     params = {
         "now": now_ms,
         "until": saturating(now_ms + lock_duration_ms),
-        "token": uuid.uuid4().hex,
+        "token": token,
         "limit": limit,
     }
-    claimed = [job_from_values(row) for row in executor.execute(statement, params).all()]
+    claimed: list[Job] = []
+    unreadable: list[tuple[Any, CorruptJobError]] = []
+    for row in executor.execute(statement, params).all():
+        try:
+            claimed.append(job_from_values(row))
+        except CorruptJobError as exc:
+            unreadable.append((row[0], exc))
+    if unreadable:
+        _fail_unreadable(executor, unreadable, token=token, now_ms=now_ms)
     # RETURNING keeps no order: put the claim order and due order back.
     order = {kind: index for index, kind in enumerate(claim_order)}
     rest = len(order)
     claimed.sort(key=lambda job: (order.get(job.kind, rest), job.available_at_ms, job.id))
     return claimed
+
+
+@cache
+def _fail_unreadable_statement() -> Update:
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("f_id"))
+        .where(jobs.c.lease_token == bindparam("f_token"))
+        .values(
+            status=FAILED,
+            completed_at_ms=bindparam("now"),
+            locked_until_ms=literal_column("NULL"),
+            last_error=bindparam("error"),
+            failure_reason=literal(UNREADABLE_ROW),
+            failure_class=literal(FailureClass.UNRECOVERABLE.value),
+        )
+    )
+
+
+def _fail_unreadable(
+    executor: Executor, rows: list[tuple[Any, CorruptJobError]], *, token: str, now_ms: int
+) -> None:
+    """Fail, under the claim that just took them, rows no :class:`Job` can be built from:
+    retrying cannot make them readable, and leaving them running would only have them
+    recovered and claimed again at every lease."""
+    for _, exc in rows:
+        log.warning("memtree failed a claimed row (%s): %s", UNREADABLE_ROW, exc)
+    params = [
+        {"f_id": job_id, "f_token": token, "now": now_ms, "error": str(exc)} for job_id, exc in rows
+    ]
+    executor.execute(_fail_unreadable_statement(), params)
 
 
 def relax_claim_commit(executor: Executor) -> None:
@@ -363,6 +427,7 @@ def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
         earliest = (
             select(func.min(jobs.c.available_at_ms))
             .where(jobs.c.status == READY)
+            .where(jobs.c.available_at_ms.between(_MIN_MS, _MAX_MS))
             .where(jobs.c.kind.not_in(RETIRED_JOB_KINDS))
         )
         return earliest
@@ -372,6 +437,7 @@ def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
             select(func.min(jobs.c.available_at_ms).label("due"))
             .where(jobs.c.status == READY)
             .where(jobs.c.kind == kind)
+            .where(jobs.c.available_at_ms.between(_MIN_MS, _MAX_MS))
             for kind in kinds
         )
     ).subquery()
@@ -380,7 +446,9 @@ def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
 
 def next_due_ms(executor: Executor, kinds: tuple[str, ...] | None = None) -> int | None:
     """When the earliest ready job of ``kinds`` is due (maybe in the past); None if none is
-    ready. A read: idle workers poll with it instead of attempting a claim, which writes."""
+    ready. A read: idle workers poll with it instead of attempting a claim, which writes.
+    Only numbers are due times: a row whose ``available_at_ms`` is text (SQLite) is never
+    due, and a fractional one is claimed and failed as unreadable."""
     if kinds is not None:
         kinds = tuple(sorted({k for k in kinds if k not in RETIRED_JOB_KINDS}))
         if not kinds:
@@ -418,41 +486,76 @@ _STATUSES = {status.value: status for status in JobStatus}
 JOB_COLUMNS = tuple(column.name for column in jobs.c)
 
 
+_TEXT = (str,)
+_INTEGER = (int,)
+_OPTIONAL_TEXT = (str, type(None))
+_OPTIONAL_INTEGER = (int, type(None))
+#: The Python types a column's value may have in a row a :class:`Job` can be built from.
+_COLUMN_TYPES: dict[str, tuple[type, ...]] = {
+    "id": _TEXT,
+    "kind": _TEXT,
+    "payload_json": _TEXT,
+    "dedupe_key": _OPTIONAL_TEXT,
+    "status": _TEXT,
+    "attempts": _INTEGER,
+    "max_attempts": _INTEGER,
+    "available_at_ms": _INTEGER,
+    "locked_until_ms": _OPTIONAL_INTEGER,
+    "last_error": _OPTIONAL_TEXT,
+    "created_at_ms": _INTEGER,
+    "started_at_ms": _OPTIONAL_INTEGER,
+    "completed_at_ms": _OPTIONAL_INTEGER,
+    "failure_reason": _OPTIONAL_TEXT,
+    "failure_class": _OPTIONAL_TEXT,
+    "lease_token": _OPTIONAL_TEXT,
+    "cancel_requested_at_ms": _OPTIONAL_INTEGER,
+    "heal_count": _INTEGER,
+}
+_CHECKS = tuple(_COLUMN_TYPES[name] for name in JOB_COLUMNS)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` as a short repr, for messages about values memtree did not expect."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def unreadable_reason(values: Sequence[Any]) -> str | None:
+    """Why no :class:`Job` can be built from these :data:`JOB_COLUMNS` values, or None.
+
+    On PostgreSQL the column types already hold; SQLite stores any type in any column, so
+    another program can leave text in ``available_at_ms`` or a BLOB in ``payload_json``.
+    """
+    for name, value, allowed in zip(JOB_COLUMNS, values, _CHECKS, strict=True):
+        if type(value) not in allowed:
+            wanted = "text" if allowed[0] is str else "an integer"
+            null = " or NULL" if len(allowed) > 1 else ""
+            return f"{name} holds {type(value).__name__} {shown(value)}, not {wanted}{null}"
+    if values[4] not in _STATUSES:
+        return f"unknown status {values[4]!r}"
+    return None
+
+
 def job_from_values(values: Sequence[Any]) -> Job:
     """A :class:`Job` from the values of every column in :data:`JOB_COLUMNS` order: the
-    claim's fast path, without a mapping per row."""
-    job_id, kind, payload_json, dedupe_key, raw_status, *rest = values
-    status = _STATUSES.get(raw_status)
-    if status is None:
-        raise CorruptJobError(job_id, f"unknown status {raw_status!r}")
-    return Job(job_id, kind, payload_json, dedupe_key, status, *rest)
+    claim's fast path, without a mapping per row. A value of a type memtree never writes,
+    or an unknown status, is a :class:`CorruptJobError`."""
+    for value, allowed in zip(values, _CHECKS, strict=True):
+        if type(value) not in allowed:
+            break
+    else:
+        status = _STATUSES.get(values[4])
+        if status is not None:
+            job_id, kind, payload_json, dedupe_key, _, *rest = values
+            return Job(job_id, kind, payload_json, dedupe_key, status, *rest)
+    job_id = values[0] if isinstance(values[0], str) else shown(values[0])
+    raise CorruptJobError(job_id, unreadable_reason(values) or "unreadable")
 
 
 def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
-    """A :class:`Job` from a full row; an unknown status is a :class:`CorruptJobError`."""
+    """A :class:`Job` from a full row; an unreadable one is a :class:`CorruptJobError`."""
     data = row._mapping if isinstance(row, Row) else row
-    status = _STATUSES.get(data["status"])
-    if status is None:
-        raise CorruptJobError(data["id"], f"unknown status {data['status']!r}")
-    return Job(
-        id=data["id"],
-        kind=data["kind"],
-        payload_json=data["payload_json"],
-        dedupe_key=data["dedupe_key"],
-        status=status,
-        attempts=data["attempts"],
-        max_attempts=data["max_attempts"],
-        available_at_ms=data["available_at_ms"],
-        locked_until_ms=data["locked_until_ms"],
-        last_error=data["last_error"],
-        created_at_ms=data["created_at_ms"],
-        started_at_ms=data["started_at_ms"],
-        completed_at_ms=data["completed_at_ms"],
-        failure_reason=data["failure_reason"],
-        failure_class=data["failure_class"],
-        lease_token=data.get("lease_token"),
-        cancel_requested_at_ms=data.get("cancel_requested_at_ms"),
-    )
+    return job_from_values(tuple(data.get(name) for name in JOB_COLUMNS))
 
 
 def cancel_requested(executor: Executor, ids: Sequence[str]) -> set[str]:
@@ -467,6 +570,19 @@ def cancel_requested(executor: Executor, ids: Sequence[str]) -> set[str]:
     return set(executor.execute(statement).scalars())
 
 
+def _list_statement(
+    status: JobStatus | None, kind: str | None, dedupe_key: str | None, limit: int
+) -> Select[Any]:
+    statement = select(jobs)
+    if status is not None:
+        statement = statement.where(jobs.c.status == status.value)
+    if kind is not None:
+        statement = statement.where(jobs.c.kind == kind)
+    if dedupe_key is not None:
+        statement = statement.where(jobs.c.dedupe_key == dedupe_key)
+    return statement.order_by(jobs.c.created_at_ms.desc(), jobs.c.id.desc()).limit(limit)
+
+
 def list_jobs(
     executor: Executor,
     *,
@@ -475,21 +591,34 @@ def list_jobs(
     dedupe_key: str | None = None,
     limit: int = 100,
 ) -> list[Job]:
-    """Jobs matching every filter given, newest first."""
-    statement = select(jobs)
-    if status is not None:
-        statement = statement.where(jobs.c.status == status.value)
-    if kind is not None:
-        statement = statement.where(jobs.c.kind == kind)
-    if dedupe_key is not None:
-        statement = statement.where(jobs.c.dedupe_key == dedupe_key)
-    statement = statement.order_by(jobs.c.created_at_ms.desc(), jobs.c.id.desc()).limit(limit)
+    """Jobs matching every filter given, newest first (:class:`CorruptJobError` on a row
+    that cannot be read; :func:`list_rows` reads those too)."""
+    statement = _list_statement(status, kind, dedupe_key, limit)
     return [job_from_row(row) for row in executor.execute(statement)]
 
 
+def list_rows(
+    executor: Executor,
+    *,
+    status: JobStatus | None = None,
+    kind: str | None = None,
+    limit: int = 100,
+) -> list[tuple[Any, ...]]:
+    """The rows :func:`list_jobs` would read, as raw :data:`JOB_COLUMNS` values, readable or
+    not: for showing an operator what is there (see :func:`unreadable_reason`)."""
+    statement = _list_statement(status, kind, None, limit)
+    return [tuple(row) for row in executor.execute(statement)]
+
+
 def get_job(executor: Executor, job_id: str) -> Job | None:
+    row = get_row(executor, job_id)
+    return None if row is None else job_from_values(row)
+
+
+def get_row(executor: Executor, job_id: str) -> tuple[Any, ...] | None:
+    """One row's raw :data:`JOB_COLUMNS` values, readable or not; None if there is none."""
     row = executor.execute(select(jobs).where(jobs.c.id == job_id)).first()
-    return None if row is None else job_from_row(row)
+    return None if row is None else tuple(row)
 
 
 def count_by_status(executor: Executor, status: JobStatus | str) -> int:
@@ -508,11 +637,39 @@ def count_failed_unrecoverable(executor: Executor) -> int:
 
 
 def count_by_kind_and_status(executor: Executor) -> dict[tuple[str, str], int]:
-    """Row counts grouped by (kind, status)."""
+    """Row counts grouped by (kind, status); a kind or status that is not text (another
+    program's, on SQLite) is given by its repr."""
     statement = select(jobs.c.kind, jobs.c.status, func.count()).group_by(
         jobs.c.kind, jobs.c.status
     )
-    return {(kind, status): int(n) for kind, status, n in executor.execute(statement)}
+    counts: dict[tuple[str, str], int] = {}
+    for kind, status, n in executor.execute(statement):
+        key = (_text(kind), _text(status))
+        counts[key] = counts.get(key, 0) + int(n)
+    return counts
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else shown(value)
+
+
+@cache
+def _unreadable_statement(dialect_name: str) -> Select[Any]:
+    problems: list[ColumnElement[bool]] = [jobs.c.status.not_in(list(_STATUSES))]
+    if dialect_name == "sqlite":
+        # Only SQLite lets a column hold another type; PostgreSQL's columns are typed.
+        for name, allowed in _COLUMN_TYPES.items():
+            types = ["text" if allowed[0] is str else "integer"]
+            if len(allowed) > 1:
+                types.append("null")
+            problems.append(func.typeof(jobs.c[name]).not_in(types))
+    return select(func.count()).select_from(jobs).where(or_(*problems))
+
+
+def count_unreadable(executor: Executor) -> int:
+    """Rows no :class:`Job` can be built from: an unknown status, or (SQLite) a value of a
+    type memtree never writes. Payloads are not parsed here."""
+    return int(executor.execute(_unreadable_statement(dialect_of(executor).name)).scalar_one())
 
 
 def count_retired(executor: Executor) -> int:

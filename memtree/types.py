@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import accumulate, repeat
 from typing import TYPE_CHECKING, Any
 
 from memtree.errors import InvalidJobError
@@ -23,9 +24,11 @@ __all__ = [
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
+    "DEFAULT_SELF_HEAL_LIMIT",
     "MAX_DEDUPE_KEY_BYTES",
     "MAX_KIND_BYTES",
     "MAX_MS",
+    "MAX_PAYLOAD_DEPTH",
     "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
@@ -38,6 +41,7 @@ __all__ = [
     "NewJob",
     "SettledBatch",
     "backoff_ms",
+    "decode_payload",
     "find_failure",
     "is_retired_kind",
 ]
@@ -52,6 +56,8 @@ RETRY_BASE_MS = 60 * 1000
 RETRY_CAP_MS = 60 * 60 * 1000
 #: A job deferred for longer than this since it was created fails ``defer_age_exceeded``.
 DEFAULT_MAX_DEFER_AGE_MS = 7 * 24 * 60 * 60 * 1000
+#: Times self-heal revives one failed job before it stays failed (0 turns self-heal off).
+DEFAULT_SELF_HEAL_LIMIT = 3
 #: Kinds claimed before all others, in this order (the original's drain-forward order).
 DEFAULT_CLAIM_ORDER: tuple[str, ...] = ("seal", "flush_stale", "append_buffer")
 #: Kinds of the original's removed global/topic trees: never claimed, purged at start.
@@ -62,6 +68,10 @@ MAX_MS = 2**63 - 1
 MAX_KIND_BYTES = 255
 #: Longest dedupe key, in UTF-8 bytes (a PostgreSQL B-tree entry holds at most ~2.7 kB).
 MAX_DEDUPE_KEY_BYTES = 2000
+#: Deepest nesting of arrays and objects in a payload (``[]`` is 1 deep). Fixed, so whether
+#: a payload is accepted never depends on how deep the caller's stack is, and far below
+#: what any thread can parse (and below serde_json's 128, so the original crate reads it too).
+MAX_PAYLOAD_DEPTH = 100
 _MAX_INT32 = 2**31 - 1
 
 
@@ -240,6 +250,30 @@ def check_kind(kind: object) -> str:
 
 #: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
 _PAYLOAD_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+#: Drops every ASCII character but brackets (``str.translate`` is fastest on ASCII); any
+#: other character left over counts 0 in the running sum below.
+_ONLY_BRACKETS = {code: None for code in range(128) if chr(code) not in "[]{}"}
+_NESTING_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _nests_too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays and objects deeper than :data:`MAX_PAYLOAD_DEPTH`.
+
+    Iterative, so it answers for any depth in any thread. Text with no more brackets than
+    the limit (nearly every payload) is answered by two counts; the rest drops escapes
+    (only strings hold them) and then the strings (what lies between an odd quote and the
+    next), and sums the brackets left over: all in C, a few times cheaper than parsing.
+    """
+    if text.count("[") + text.count("{") <= MAX_PAYLOAD_DEPTH:
+        return False
+    if "\\" in text:
+        text = text.replace("\\\\", "").replace('\\"', "")
+    brackets = "".join(text.split('"')[::2]).translate(_ONLY_BRACKETS)
+    depths = accumulate(map(_NESTING_STEP.get, brackets, repeat(0)))
+    return max(depths, default=0) > MAX_PAYLOAD_DEPTH
+
+
+_TOO_DEEP = f"nested more than {MAX_PAYLOAD_DEPTH} levels deep (MAX_PAYLOAD_DEPTH)"
 
 
 def encode_payload(payload: object) -> str:
@@ -252,7 +286,9 @@ def encode_payload(payload: object) -> str:
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"payload is not JSON-serialisable: {exc}") from None
     except RecursionError:
-        raise InvalidJobError("payload is nested too deeply to serialise") from None
+        raise InvalidJobError(f"payload is {_TOO_DEEP}") from None
+    if _nests_too_deep(text):
+        raise InvalidJobError(f"payload is {_TOO_DEEP}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -260,6 +296,16 @@ def encode_payload(payload: object) -> str:
             f"payload holds text that is not valid Unicode: {exc.reason}"
         ) from None
     return text
+
+
+def decode_payload(text: str) -> Any:
+    """Parse ``payload_json`` text; ``ValueError`` if it is not JSON (NaN and infinities are
+    not) or nests deeper than :data:`MAX_PAYLOAD_DEPTH`, never ``RecursionError``."""
+    if not isinstance(text, str):
+        raise ValueError(f"payload_json is {type(text).__name__}, not text")
+    if _nests_too_deep(text):
+        raise ValueError(f"payload is {_TOO_DEEP}")
+    return json.loads(text, parse_constant=_reject_constant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +392,8 @@ class NewJob:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One ``mem_tree_jobs`` row as read at a moment: the 15 wire columns plus the lease token.
+    """One ``mem_tree_jobs`` row as read at a moment: the 15 wire columns plus memtree's own
+    (lease token, cancel request, heal count).
 
     A ``Job`` returned by a claim carries the claim's ``lease_token``; every settle is
     fenced to it, so a worker whose lease was recovered or re-claimed cannot settle.
@@ -369,11 +416,13 @@ class Job:
     failure_class: str | None
     lease_token: str | None = None
     cancel_requested_at_ms: int | None = None
+    heal_count: int = 0
 
     @property
     def payload(self) -> Any:
-        """The payload, parsed from ``payload_json`` (raises ``ValueError`` if it is not JSON)."""
-        return json.loads(self.payload_json, parse_constant=_reject_constant)
+        """The payload, parsed from ``payload_json`` (``ValueError`` if it is not JSON or
+        nests deeper than :data:`MAX_PAYLOAD_DEPTH`; see :func:`decode_payload`)."""
+        return decode_payload(self.payload_json)
 
 
 def _reject_constant(name: str) -> float:

@@ -14,6 +14,7 @@ never touches the session is settled with others in one batched statement.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import queue as queue_module
@@ -21,25 +22,44 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
-from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
+from memtree.engine import handler_connection
+from memtree.errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseFileChangedError,
+    MemtreeError,
+)
 from memtree.queue import Queue
 from memtree.redact import scrub
-from memtree.types import Job, JobKind, NewJob, SettledBatch, check_kind
+from memtree.types import (
+    DEFAULT_SELF_HEAL_LIMIT,
+    Job,
+    JobKind,
+    NewJob,
+    SettledBatch,
+    backoff_ms,
+    check_kind,
+    find_failure,
+)
 
 if TYPE_CHECKING:
     from memtree.metrics import Metrics
 
 __all__ = [
     "DEFAULT_GATES",
+    "DEFAULT_MAX_INFRASTRUCTURE_RELEASES",
+    "INFRASTRUCTURE_RETRY_BASE_MS",
+    "INFRASTRUCTURE_RETRY_CAP_MS",
     "Defer",
     "Gate",
     "Handler",
@@ -47,6 +67,7 @@ __all__ = [
     "JobContext",
     "Worker",
     "classify_error",
+    "is_infrastructure_error",
 ]
 
 log = logging.getLogger("memtree.worker")
@@ -57,6 +78,16 @@ _EVENT_LOCK = threading.Lock()
 _FLUSH_DELAY_S = 0.01
 #: How soon a finished job whose row another session held locked is settled again.
 _LOCKED_RETRY_S = 0.1
+
+#: Runs of one job in a row this worker releases after an infrastructure error, attempt
+#: given back, before the next such run counts as a failure like any other.
+DEFAULT_MAX_INFRASTRUCTURE_RELEASES = 10
+#: The first release after an infrastructure error waits this long; it doubles per release.
+INFRASTRUCTURE_RETRY_BASE_MS = 1_000
+#: The longest wait after an infrastructure error.
+INFRASTRUCTURE_RETRY_CAP_MS = 60_000
+# Jobs whose infrastructure releases a worker remembers (the oldest are forgotten).
+_INFRASTRUCTURE_MEMORY = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,18 +217,73 @@ class JobContext:
         return self.queue.now_ms()
 
     def _close(self, *, commit: bool) -> None:
-        if self._session is None:
+        session = self._session
+        if session is None:
             return
         try:
             if commit:
-                self._session.commit()
+                session.commit()
             else:
-                self._session.rollback()
+                session.rollback()
         finally:
-            self._session.close()
+            session.close()
+            release = session.info.pop(_RELEASE_CONNECTION, None)
+            if release is not None:
+                release()
 
 
 Handler: TypeAlias = Callable[[JobContext], "Defer | None"]
+
+#: ``Session.info`` key: closes the handler connection a session was bound to.
+_RELEASE_CONNECTION = "memtree.release_connection"
+
+
+def _check_handler(kind: str, handler: object) -> None:
+    """A handler memtree can run, or :class:`ConfigurationError` now, at registration."""
+    if not callable(handler):
+        raise ConfigurationError(f"the handler for {kind!r} is not callable")
+    call = getattr(handler, "__call__", None)  # noqa: B004 - a callable object's own method
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        raise ConfigurationError(
+            f"the handler for {kind!r} is an async def: memtree's worker runs handlers in "
+            "threads and has no asyncio executor yet, so it would never be awaited. Write "
+            "it as a plain def (run a coroutine inside it with asyncio.run(...))"
+        )
+
+
+def _session_opener(
+    queue: Queue, session_factory: Callable[[], Session] | None = None
+) -> Callable[[], Session]:
+    """What builds ``ctx.session``: ``session_factory``, or a ``Session`` on the queue's engine.
+
+    On SQLite the session is bound to a :func:`memtree.engine.handler_connection`, whose
+    transaction begins at its first write, so a handler that reads and then waits holds
+    no lock meanwhile. That holds for the default and for any ``sessionmaker`` bound to a
+    SQLite engine (it is called with the connection as ``bind``); another callable's
+    sessions begin as that callable set them up.
+    """
+    factory: Callable[[], Session] = (
+        session_factory if session_factory is not None else sessionmaker()
+    )
+    if not isinstance(factory, sessionmaker):
+        return factory
+    bind = factory.kw.get("bind") or queue.engine
+    if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
+        return factory if session_factory is not None else sessionmaker(bind=bind)
+    engine = bind
+
+    def open_session() -> Session:
+        stack = ExitStack()
+        conn = stack.enter_context(handler_connection(engine))
+        try:
+            session: Session = factory(bind=conn)
+        except BaseException:
+            stack.close()
+            raise
+        session.info[_RELEASE_CONNECTION] = stack.close
+        return session
+
+    return open_session
 
 
 class Handlers(dict[str, Handler]):
@@ -213,6 +299,7 @@ class Handlers(dict[str, Handler]):
         check_kind(kind)
 
         def decorate(handler: Handler) -> Handler:
+            _check_handler(kind, handler)
             if kind in self:
                 raise ConfigurationError(f"a handler for {kind!r} is already registered")
             self[kind] = handler
@@ -239,6 +326,128 @@ def classify_error(error: BaseException) -> tuple[str, float]:
     if operational or "i/o" in text or "connection" in text or "server closed" in text:
         return "I/O", 1.0
     return "other", 0.5
+
+
+# What a connection failure says, lowercased, where the driver gives no code for it: psycopg
+# at connect ("connection failed: ... too many clients", "Connection refused") and on a
+# dropped connection, SQLite when its file cannot be opened or read.
+_CONNECTION_FAILURE_TEXT = (
+    "connection failed",
+    "could not connect",
+    "connection refused",
+    "too many clients",
+    "too many connections",
+    "remaining connection slots",
+    "server closed the connection",
+    "terminating connection",
+    "the database system is",
+    "connection is closed",
+    "connection already closed",
+    "no connection to the server",
+    "consuming input failed",
+    "could not receive data",
+    "could not send data",
+    "ssl syscall error",
+    "unable to open database file",
+    "disk i/o error",
+)
+# SQLSTATEs of a connection that failed or was taken away: class 08 (connection
+# exception), too_many_connections, admin/crash shutdown, cannot_connect_now.
+_CONNECTION_SQLSTATES = ("53300", "57P01", "57P02", "57P03")
+
+
+def _is_connection_failure(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True  # a pooled connection found dead, or no connection to be had
+    if not isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return False
+    if error.connection_invalidated:
+        return True  # SQLAlchemy's dialect recognised a disconnect
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and (
+        sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
+    ):
+        return True
+    sqlite_name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(sqlite_name, str) and (
+        sqlite_name == "SQLITE_CANTOPEN" or sqlite_name.startswith("SQLITE_IOERR")
+    ):
+        return True
+    text = str(orig).lower()
+    return any(phrase in text for phrase in _CONNECTION_FAILURE_TEXT)
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """True when a run failed because the database could not be reached, not because of
+    the job: a connection that could not be opened (refused, too many clients, the server
+    starting or stopping, a SQLite file that cannot be opened or read) or that was lost
+    (server closed it, admin shutdown), anywhere in the error's cause/context chain, as
+    SQLAlchemy raised it or as memtree's :class:`DatabaseError` wraps it.
+
+    This is the one place that decides it. A run that fails this way is released without
+    spending an attempt; any other error is the job's own. A :class:`JobFailure` in the
+    chain is the handler's own verdict and wins.
+    """
+    if find_failure(error) is not None:
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _is_connection_failure(current):
+            return True
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif current.__suppress_context__:
+            current = None
+        else:
+            current = current.__context__
+    return False
+
+
+class _DatabaseFile:
+    """The SQLite file behind an engine, known by its device and inode.
+
+    A file deleted or replaced (``rm``, a restored backup moved into place) under a
+    running process is invisible to SQLite: the connections already open go on reading
+    and writing the old inode, new ones open whatever is at the path now. So the worker
+    compares the path's identity with the one it recorded at start, before it settles or
+    claims anything; a ``stat`` costs about a microsecond.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, engine: Engine) -> _DatabaseFile | None:
+        """The file of a SQLite engine; None for PostgreSQL, in-memory and URI databases."""
+        url = engine.url
+        database = url.database
+        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return None
+        if database.startswith("file:") or "uri" in url.query or "mode" in url.query:
+            return None
+        return cls(os.path.abspath(database))
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def change(self) -> str | None:
+        """How the file changed since it was first seen (``deleted``, ``replaced by another
+        file``), or None. A file that did not exist yet is recorded when it appears."""
+        identity = self._stat()
+        if self._identity is None:
+            self._identity = identity
+            return None
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced by another file"
 
 
 def _fields(job: Job, duration_s: float | None = None) -> dict[str, Any]:
@@ -290,6 +499,11 @@ class Worker:
     - ``shutdown_grace_s``: how long a stopping worker waits for running handlers.
     - ``recover_interval_s``, ``self_heal_interval_s``, ``retention_ms`` (``None`` keeps
       done rows), ``prune_interval_s``: maintenance.
+    - ``self_heal_limit``: how many times self-heal revives one failed job (3 by default;
+      0 turns self-heal off). A job failed after that many heals stays failed.
+    - ``max_infrastructure_releases``: runs of one job in a row released without spending
+      an attempt because the database could not be reached (:func:`is_infrastructure_error`);
+      the next such run counts as a failure (10 by default; 0 counts every one).
     - ``session_factory``: builds ``ctx.session``; a ``Session`` on the queue's engine by default.
     """
 
@@ -306,6 +520,8 @@ class Worker:
         shutdown_grace_s: float = 30.0,
         recover_interval_s: float | None = None,
         self_heal_interval_s: float = 600.0,
+        self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
+        max_infrastructure_releases: int = DEFAULT_MAX_INFRASTRUCTURE_RELEASES,
         flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
         prune_interval_s: float = 600.0,
@@ -322,10 +538,24 @@ class Worker:
                 check_kind(kind)
             except ValueError as exc:
                 raise ConfigurationError(f"handler kind: {exc}") from None
-            if not callable(handler):
-                raise ConfigurationError(f"the handler for {kind!r} is not callable")
+            _check_handler(kind, handler)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, not {concurrency!r}")
+        if isinstance(self_heal_limit, bool) or not isinstance(self_heal_limit, int):
+            raise ConfigurationError(f"self_heal_limit must be an int, not {self_heal_limit!r}")
+        if self_heal_limit < 0:
+            raise ConfigurationError(f"self_heal_limit must be >= 0, not {self_heal_limit}")
+        self.self_heal_limit = self_heal_limit
+        if (
+            isinstance(max_infrastructure_releases, bool)
+            or not isinstance(max_infrastructure_releases, int)
+            or max_infrastructure_releases < 0
+        ):
+            raise ConfigurationError(
+                "max_infrastructure_releases must be an int >= 0, "
+                f"not {max_infrastructure_releases!r}"
+            )
+        self.max_infrastructure_releases = max_infrastructure_releases
         self.queue = queue
         self.handlers: dict[str, Handler] = dict(handlers)
         self.concurrency = concurrency
@@ -348,7 +578,7 @@ class Worker:
         self.retention_ms = retention_ms
         self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
-        self._session_factory = session_factory or sessionmaker(bind=queue.engine)
+        self._session_factory = _session_opener(queue, session_factory)
 
         self.gates = tuple(gates)
         self._gate_of: dict[str, Gate] = {}
@@ -377,6 +607,10 @@ class Worker:
         self._gate_busy: dict[str, int] = {gate.name: 0 for gate in self.gates}
         self._completed: list[_Completed] = []
         self._completed_since = 0.0
+        # Job id -> infrastructure releases in a row (see _released_for_infrastructure).
+        self._infrastructure_releases: dict[str, int] = {}
+        self._database_file = _DatabaseFile.of(queue.engine)
+        self._database_lost: DatabaseFileChangedError | None = None
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, concurrency // 4)
         self._tasks: queue_module.SimpleQueue[_Running | None] = queue_module.SimpleQueue()
@@ -391,7 +625,10 @@ class Worker:
     # -- public ------------------------------------------------------------------------
 
     def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Work until :meth:`stop` or SIGINT/SIGTERM; then shut down gracefully."""
+        """Work until :meth:`stop` or SIGINT/SIGTERM; then shut down gracefully.
+
+        Raises :class:`DatabaseFileChangedError` once it stopped because its SQLite file
+        was deleted or replaced."""
         restore = self._install_signals() if install_signal_handlers else {}
         try:
             self._start(listen=True)
@@ -401,6 +638,8 @@ class Worker:
             self._shutdown()
             for signum, previous in restore.items():
                 signal.signal(signum, previous)
+        if self._database_lost is not None:
+            raise self._database_lost
 
     def run_until_idle(self) -> int:
         """Work until no job is due and none is running; return how many jobs were settled.
@@ -412,9 +651,12 @@ class Worker:
         try:
             self._loop(until_idle=True)
         finally:
-            self._flush_completed()
+            if self._database_lost is None:
+                self._flush_completed()
             wakeup.unsubscribe(self.queue.engine, self._wake)
             self._stop_threads()
+        if self._database_lost is not None:
+            raise self._database_lost
         return self._settled - before
 
     def stop(self) -> None:
@@ -430,6 +672,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------
 
     def _start(self, *, listen: bool) -> None:
+        self._database_file_changed()  # records the file's identity the first time
         wakeup.subscribe(self.queue.engine, self._wake)
         while len(self._threads) < self.concurrency:
             thread = threading.Thread(
@@ -448,6 +691,8 @@ class Worker:
     def _loop(self, *, until_idle: bool) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            if self._database_file_changed():
+                return
             self._heartbeat()
             self._check_cancels()
             if not until_idle:
@@ -527,6 +772,10 @@ class Worker:
         taken: list[_Completed],
     ) -> int:
         if not plan and not taken:
+            return 0
+        if self._database_file_changed():
+            with self._lock:  # never settled: not into a file that is gone or another one
+                self._completed[:0] = taken
             return 0
         result = self._guarded(
             lambda: self.queue.complete_and_claim(
@@ -660,9 +909,16 @@ class Worker:
             # Settled by the loop in a batch with others (see _exchange).
             return _Completed(job, ctx._followups, duration_s)
         fields = _fields(job, duration_s)
-        if outcome is None:
-            self._finish(job, "done", self._commit(entry, fields, chain), duration_s, fields)
+        if self._database_file_changed():
+            ctx._close(commit=False)
+            log.error("job %s not settled: the database file changed", job.id, extra=fields)
             return None
+        if outcome is None:
+            committed = self._commit(entry, fields, chain)
+            if not isinstance(committed, BaseException):
+                self._finish(job, "done", committed, duration_s, fields)
+                return None
+            outcome = committed  # the completion did not commit: this run failed
         ctx._close(commit=False)
         if isinstance(outcome, Defer):
             until = outcome.resolve(self.queue.now_ms())
@@ -675,14 +931,17 @@ class Worker:
             if isinstance(outcome, BaseException)
             else TypeError(f"handler returned {outcome!r}; expected None or memtree.Defer")
         )
+        if self._released_for_infrastructure(job, error, duration_s, fields):
+            return None
         log.warning("job %s failed: %s", job.id, scrub(settle.error_text(error)), extra=fields)
         settled = self._retrying(lambda: self.queue.mark_failed(job, error))
         self._finish(job, "failed", settled, duration_s, fields)
         return None
 
-    def _commit(self, entry: _Running, fields: dict[str, Any], chain: _Chain) -> bool | None:
+    def _commit(self, entry: _Running, fields: dict[str, Any], chain: _Chain) -> bool | Exception:
         """Settle ``done`` in the handler's own session: its writes, follow-ups and the
-        completion commit together, or (lease lost, cancel requested) not at all.
+        completion commit together, or (lease lost, cancel requested) not at all. Returns
+        whether it settled, or the error that kept it from committing.
 
         The same transaction claims this thread's next job (see :meth:`_claim_follower`), so
         a worker of transactional handlers pays one transaction per job, not a claim
@@ -708,15 +967,13 @@ class Worker:
             ctx._close(commit=False)
             label, _ = classify_error(exc)
             log.warning(
-                "job %s: its completion did not commit (%s: %s); retrying it",
+                "job %s: its completion did not commit (%s: %s)",
                 job.id,
                 label,
                 scrub(str(exc)),
                 extra=fields,
             )
-            failure = exc
-            self._retrying(lambda: self.queue.mark_failed(job, failure))
-            return None
+            return exc
         chain.follower = follower
         if follower is not None and self.metrics is not None:
             self.metrics.on_claimed(follower.job, now_ms)
@@ -762,6 +1019,39 @@ class Worker:
             entry.traced,
         )
 
+    def _released_for_infrastructure(
+        self, job: Job, error: BaseException, duration_s: float, fields: dict[str, Any]
+    ) -> bool:
+        """Release a run that failed because the database could not be reached: ``ready``
+        again after a backoff, its attempt given back. After ``max_infrastructure_releases``
+        such runs of the job in a row, the next is left to count as a failure (False)."""
+        if not is_infrastructure_error(error):
+            return False
+        with self._lock:
+            count = self._infrastructure_releases.pop(job.id, 0) + 1
+            if count > self.max_infrastructure_releases:
+                return False
+            self._infrastructure_releases[job.id] = count
+            if len(self._infrastructure_releases) > _INFRASTRUCTURE_MEMORY:
+                del self._infrastructure_releases[next(iter(self._infrastructure_releases))]
+        delay_ms = backoff_ms(
+            count, base_ms=INFRASTRUCTURE_RETRY_BASE_MS, cap_ms=INFRASTRUCTURE_RETRY_CAP_MS
+        )
+        until = store.saturating(self.queue.now_ms() + delay_ms)
+        log.warning(
+            "job %s: the database could not be reached (%s); released without spending an "
+            "attempt, due again in %.1fs (release %d of at most %d in a row)",
+            job.id,
+            scrub(settle.error_text(error)),
+            delay_ms / 1000,
+            count,
+            self.max_infrastructure_releases,
+            extra=fields,
+        )
+        settled = self._retrying(lambda: self.queue.mark_released(job, until, error))
+        self._finish(job, "released", settled, duration_s, fields)
+        return True
+
     def _finish(
         self,
         job: Job,
@@ -772,6 +1062,9 @@ class Worker:
     ) -> None:
         """Count a run. A settle that did not match may have met a cancel request: then
         the run ends ``cancelled``; otherwise the lease was lost and it is not settled."""
+        if outcome != "released" and self._infrastructure_releases:
+            with self._lock:
+                self._infrastructure_releases.pop(job.id, None)
         if (
             settled is False
             and outcome != "lease_lost"
@@ -820,6 +1113,9 @@ class Worker:
         matched = [c for c in batch if settled is not None and c.job.id in settled]
         with self._lock:
             self._settled += len(matched)
+            if self._infrastructure_releases:
+                for completed in matched:
+                    self._infrastructure_releases.pop(completed.job.id, None)
         if log.isEnabledFor(logging.DEBUG):
             for completed in matched:
                 fields = _fields(completed.job, completed.duration_s)
@@ -879,13 +1175,33 @@ class Worker:
                         extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
                     )
 
+    def _database_file_changed(self) -> bool:
+        """True once the SQLite file was deleted or replaced under this worker; the first
+        to notice logs it and stops the worker (see :class:`_DatabaseFile`)."""
+        if self._database_lost is not None:
+            return True
+        if self._database_file is None:
+            return False
+        change = self._database_file.change()
+        if change is None:
+            return False
+        error = DatabaseFileChangedError(self._database_file.path, change)
+        with self._lock:
+            first = self._database_lost is None
+            if first:
+                self._database_lost = error
+        if first:
+            log.error("%s", error)
+            self.stop()
+        return True
+
     # -- maintenance -------------------------------------------------------------------
 
     def _maintain(self) -> None:
         now = time.monotonic()
         tasks: dict[str, Callable[[], object]] = {
             "recover": self.queue.recover_stale_locks,
-            "self_heal": self.queue.requeue_transient_failed,
+            "self_heal": lambda: self.queue.requeue_transient_failed(self.self_heal_limit),
         }
         if JobKind.FLUSH_STALE in self.handlers:
             tasks["flush_stale"] = lambda: self.queue.enqueue(
@@ -971,20 +1287,32 @@ class Worker:
     def _shutdown(self) -> None:
         self._stopping.set()
         deadline = time.monotonic() + self.shutdown_grace_s
-        while (self.running_jobs or self._completed) and time.monotonic() < deadline:
+        # A worker whose file changed does not wait: nothing it runs can be settled now.
+        while (
+            (self.running_jobs or self._completed)
+            and time.monotonic() < deadline
+            and not self._database_file_changed()
+        ):
             self._flush_completed()
             self._heartbeat()
             self._wake.wait(0.05)
             self._wake.clear()
-        self._flush_completed()
-        if self._completed:
-            log.error(
-                "shutdown grace over: %d finished jobs were not settled (another session "
-                "held their rows locked); they run again when their leases expire",
-                len(self._completed),
-            )
+        if not self._database_file_changed():
+            self._flush_completed()
+            if self._completed:
+                log.error(
+                    "shutdown grace over: %d finished jobs were not settled (another session "
+                    "held their rows locked); they run again when their leases expire",
+                    len(self._completed),
+                )
         unfinished = self.running_jobs
-        if unfinished:
+        if self._database_lost is not None:
+            # Their leases are in a file that is gone or replaced: nothing to release.
+            log.error(
+                "stopped; %d running jobs were left unsettled in the changed file",
+                len(unfinished),
+            )
+        elif unfinished:
             # Only this worker's own leases: another worker's are not ours to release.
             released = self._guarded(
                 lambda: self.queue.release_running_locks(unfinished), "release"

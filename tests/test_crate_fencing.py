@@ -70,6 +70,7 @@ SETTLES: dict[str, Callable[[Queue, Job], object]] = {
         job, "no", JobFailure("budget", FailureClass.UNRECOVERABLE)
     ),
     "mark_deferred": lambda q, job: q.mark_deferred(job, q.now_ms() + 1000, "later"),
+    "mark_released": lambda q, job: q.mark_released(job, q.now_ms() + 1000, "unreachable"),
     "extend_lease": lambda q, job: q.extend_lease(job),
     "mark_done_many": lambda q, job: q.mark_done_many([(job, [NewJob("followup")])]),
     "complete_and_claim": lambda q, job: q.complete_and_claim([(job, [])], (), 0)[0],

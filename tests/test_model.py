@@ -38,7 +38,7 @@ from sqlalchemy import Engine, text
 
 import memtree
 from memtree import CancelOutcome, InvalidJobError, Job, JobFailure, NewJob, Queue
-from memtree.types import DEFAULT_CLAIM_ORDER, RETIRED_JOB_KINDS
+from memtree.types import DEFAULT_CLAIM_ORDER, DEFAULT_SELF_HEAL_LIMIT, RETIRED_JOB_KINDS
 from tests.conftest import START_MS, FakeClock
 
 MAX_MS = 2**63 - 1
@@ -72,6 +72,7 @@ COLUMNS = (
     "failure_class",
     "lease_token",
     "cancel_requested_at_ms",
+    "heal_count",
 )
 
 EXAMPLES = int(os.environ.get("MEMTREE_MODEL_EXAMPLES", "150"))
@@ -110,6 +111,7 @@ class Row:
     failure_class: str | None
     lease_token: str | None
     cancel_requested_at_ms: int | None
+    heal_count: int = 0
 
     def values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, column) for column in COLUMNS)
@@ -687,9 +689,15 @@ def machine_for(
             self.release(rows)
 
         def requeue(self, transient_only: bool) -> None:
+            """``transient_only`` is the worker's self-heal: bounded by the default limit."""
+
             def failed(row: Row) -> bool:
                 return row.status == FAILED and not (
-                    transient_only and row.failure_class == "unrecoverable"
+                    transient_only
+                    and (
+                        row.failure_class == "unrecoverable"
+                        or row.heal_count >= DEFAULT_SELF_HEAL_LIMIT
+                    )
                 )
 
             chosen = []
@@ -712,9 +720,9 @@ def machine_for(
             count = queue.requeue_transient_failed() if transient_only else queue.requeue_failed()
             assert count == len(chosen)
             for row in chosen:
-                self.reset(row)
+                self.reset(row, healed=transient_only)
 
-        def reset(self, row: Row) -> None:
+        def reset(self, row: Row, *, healed: bool = False) -> None:
             row.status = READY
             row.attempts = 0
             row.available_at_ms = self.now
@@ -722,6 +730,7 @@ def machine_for(
             row.last_error = row.failure_reason = row.failure_class = None
             row.lease_token = None
             row.cancel_requested_at_ms = None
+            row.heal_count = row.heal_count + 1 if healed else 0
 
         @rule()
         def requeue_failed(self) -> None:

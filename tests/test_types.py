@@ -188,6 +188,7 @@ def test_job_from_values_matches_job_from_row_and_rejects_an_unknown_status() ->
         None,
         "t",
         None,
+        2,
     )
     row = dict(zip(store.JOB_COLUMNS, values, strict=True))
     assert store.job_from_values(values) == store.job_from_row(row)

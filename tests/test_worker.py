@@ -779,3 +779,25 @@ def test_a_second_signal_exits_at_once(app: Queue, db_url: str, tmp_path: Path) 
         process.kill()
     assert process.returncode == 128 + 15
     assert status_of(app, job_id) is JobStatus.RUNNING, "its lease expires and is recovered"
+
+
+# -- handlers memtree cannot run ----------------------------------------------------------
+
+
+async def _coroutine_handler(ctx: JobContext) -> None:  # pragma: no cover - never awaited
+    return None
+
+
+class _AsyncCallable:
+    async def __call__(self, ctx: JobContext) -> None:  # pragma: no cover - never awaited
+        return None
+
+
+@pytest.mark.parametrize("handler", [_coroutine_handler, _AsyncCallable()], ids=["def", "object"])
+def test_an_async_handler_is_refused_when_it_is_registered(queue: Queue, handler: object) -> None:
+    handlers = Handlers()
+    with pytest.raises(memtree.ConfigurationError, match=r"async def.*plain def"):
+        handlers.register("k")(handler)  # type: ignore[arg-type]
+    assert "k" not in handlers
+    with pytest.raises(memtree.ConfigurationError, match=r"async def.*asyncio\.run"):
+        Worker(queue, {"k": handler})  # type: ignore[dict-item]

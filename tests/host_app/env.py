@@ -3,8 +3,10 @@
 This is what ``docs/migrations.md`` describes: the application keeps its own history
 in the default ``alembic_version`` table and lists memtree's revisions in
 ``version_locations``, so one ``alembic upgrade heads`` migrates both. Its
-``include_object`` is the negation of memtree's, so the application's autogenerate
-and ``alembic check`` leave ``mem_tree_jobs`` to memtree's revisions.
+``include_object`` is ``memtree.migration.host_include_object``, so the application's
+autogenerate and ``alembic check`` leave ``mem_tree_jobs`` and
+``memtree_alembic_version`` to memtree. The same ``env.py`` serves an application
+that leaves memtree in its own version table (the default route).
 
 The tests pass an open connection in ``config.attributes["connection"]``; the
 ``sqlalchemy.url`` option is used otherwise.
@@ -31,16 +33,10 @@ Table(
 )
 
 
-def include_object(
-    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
-) -> bool:
-    """Everything but memtree's table: memtree's own revisions manage that one."""
-    return not memtree.migration.include_object(obj, name, type_, reflected, compare_to)
-
-
 options: dict[str, Any] = {
     "target_metadata": target_metadata,
-    "include_object": include_object,
+    # Everything but memtree's tables: memtree's own revisions manage those.
+    "include_object": memtree.migration.host_include_object,
     "compare_type": True,
     "render_as_batch": True,
 }
