@@ -151,3 +151,44 @@ def test_a_locked_claim_asked_to_stop_is_retried_not_handed_on_to_wait_for_the_l
         assert queue.mark_cancelled(job)
     finally:
         host.dispose()
+
+
+@on_postgresql
+def test_a_worker_stopping_while_a_finished_jobs_row_is_locked_leaves_it_to_recovery(
+    wall_queue: Queue, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It tries to settle the job for its shutdown grace, then says it was not settled;
+    the job is not taken for a lost lease, and stays running for recovery."""
+    queue = wall_queue
+    finished = threading.Event()
+    handlers = Handlers()
+
+    @handlers.register("a")
+    def a(ctx: JobContext) -> None:
+        finished.wait(30)
+
+    (job_id,) = queue.enqueue_many([NewJob("a")])
+    worker = Worker(queue, handlers, concurrency=1, gates=(), shutdown_grace_s=1.0)
+    host = sqlalchemy.create_engine(db_url)
+    try:
+        # The worker stops (Running's exit) while the host still holds the lock.
+        with (
+            caplog.at_level(logging.WARNING, logger="memtree"),
+            host.connect() as conn,
+            conn.begin(),
+            Running(worker),
+        ):
+            wait_for(lambda: bool(worker.running_jobs))
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = '30s'"))
+            conn.execute(
+                text("SELECT id FROM mem_tree_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            )
+            finished.set()
+            wait_for(lambda: not worker.running_jobs)
+            time.sleep(0.3)  # a few settle attempts meet the lock
+    finally:
+        host.dispose()
+    job = queue.get_job(job_id or "")
+    assert job is not None and job.status is JobStatus.RUNNING
+    assert "1 finished jobs were not settled" in caplog.text
+    assert "lease lost" not in caplog.text
