@@ -69,7 +69,7 @@ def _one_line_errors(func: F) -> F:
 
 
 class Context:
-    def __init__(self, database_url: str, sqlite_journal_mode: str | None = "WAL") -> None:
+    def __init__(self, database_url: str, sqlite_journal_mode: str | None = "AUTO") -> None:
         self.database_url = database_url
         self.sqlite_journal_mode = sqlite_journal_mode
 
@@ -110,11 +110,14 @@ database_url_option = click.option(
 journal_mode_option = click.option(
     "--sqlite-journal-mode",
     envvar="MEMTREE_SQLITE_JOURNAL_MODE",
-    type=click.Choice(["wal", "delete", "truncate", "persist", "keep"], case_sensitive=False),
-    default="wal",
+    type=click.Choice(
+        ["auto", "wal", "delete", "truncate", "persist", "keep"], case_sensitive=False
+    ),
+    default="auto",
     show_default=True,
-    help="SQLite journal mode to set; 'keep' leaves the file's own, as a file shared with "
-    "the TinyCortex crate needs (env MEMTREE_SQLITE_JOURNAL_MODE).",
+    help="SQLite journal mode: 'auto' is WAL except on a file that already holds the queue "
+    "in a rollback journal (the TinyCortex crate's), which keeps its mode; 'keep' never "
+    "sets one (env MEMTREE_SQLITE_JOURNAL_MODE).",
 )
 
 

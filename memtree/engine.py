@@ -15,10 +15,11 @@ What memtree needs from a SQLite file, and why:
 - **Write transactions that take the lock up front** (``BEGIN IMMEDIATE``) for memtree's
   own transactions: a transaction that reads before it writes would otherwise fail on
   the upgrade, without waiting, when another writer got there first.
-- **WAL**, unless told otherwise, so readers never block writers. A file shared with the
-  original Rust crate, which sets ``journal_mode=TRUNCATE`` on every connection it
-  opens, must stay in a rollback journal: pass ``sqlite_journal_mode=None`` (keep the
-  file's mode) or ``"TRUNCATE"``.
+- **WAL**, so readers never block writers, on a file that holds no queue yet. A file
+  that already holds ``mem_tree_jobs`` in a rollback journal keeps its mode (``"AUTO"``,
+  the default): that is how the original Rust crate keeps its file (it sets
+  ``journal_mode=TRUNCATE`` on every connection it opens), and a file in WAL cannot be
+  shared with it. ``"WAL"`` converts such a file anyway, ``None`` never sets a mode.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_DATABASE_URL",
     "PING_AFTER_IDLE_S",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "SQLITE_JOURNAL_AUTO",
     "SQLITE_JOURNAL_MODES",
     "begin_write",
     "configure_engine",
@@ -56,8 +58,11 @@ DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 #: A pooled PostgreSQL connection idle for this long is checked before it is used.
 PING_AFTER_IDLE_S = 1.0
-#: The journal modes memtree can run in (``None`` keeps whatever the file has).
+#: The journal modes memtree can be told to set (``None`` keeps whatever the file has).
 SQLITE_JOURNAL_MODES = ("WAL", "DELETE", "TRUNCATE", "PERSIST")
+#: The default: WAL, unless the file already holds a queue in a rollback journal (the
+#: original crate's file), which keeps its mode.
+SQLITE_JOURNAL_AUTO = "AUTO"
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 #: A pool record's ``info`` key: this DBAPI connection has memtree's pragmas.
@@ -70,7 +75,10 @@ _LAZY = "memtree.lazy_begin"
 class _SQLiteSetup:
     """How memtree set up a SQLite engine (one per SQLAlchemy dialect instance)."""
 
+    #: One of SQLITE_JOURNAL_MODES, SQLITE_JOURNAL_AUTO, or None (set none).
     journal_mode: str | None
+    #: The ``synchronous`` pragma; None is NORMAL in WAL and FULL in a rollback journal
+    #: on memtree's engine, and the application's own setting on its engine.
     synchronous: str | None
     busy_timeout_ms: int
     #: Built by :func:`create_engine`: every transaction begins IMMEDIATE through the
@@ -99,18 +107,17 @@ def _journal_mode(value: str | None) -> str | None:
     if value is None:
         return None
     mode = str(value).upper()
-    if mode not in SQLITE_JOURNAL_MODES:
+    if mode not in (SQLITE_JOURNAL_AUTO, *SQLITE_JOURNAL_MODES):
         raise ConfigurationError(
-            f"sqlite_journal_mode must be one of {', '.join(SQLITE_JOURNAL_MODES)} or None "
-            f"(keep the file's), not {value!r}"
+            f"sqlite_journal_mode must be AUTO, one of {', '.join(SQLITE_JOURNAL_MODES)} or "
+            f"None (keep the file's), not {value!r}"
         )
     return mode
 
 
-def _synchronous(value: str | None, journal_mode: str | None) -> str | None:
+def _synchronous(value: str | None) -> str | None:
     if value is None:
-        # NORMAL is safe against power loss only in WAL; a rollback journal needs FULL.
-        return "NORMAL" if journal_mode == "WAL" else None
+        return None
     mode = str(value).upper()
     if mode not in _SYNCHRONOUS:
         raise ConfigurationError(
@@ -149,26 +156,48 @@ def _prepare(dbapi_connection: Any, setup: _SQLiteSetup, database: str | None) -
         current = 0 if setup.owns_begin else cursor.execute("PRAGMA busy_timeout").fetchone()[0]
         if setup.owns_begin or int(current) < setup.busy_timeout_ms:
             _set_pragma(cursor, "busy_timeout", setup.busy_timeout_ms)
-        if setup.journal_mode is not None and database not in (None, "", ":memory:"):
+        journal = _choose_journal_mode(cursor, setup.journal_mode, database)
+        if journal is not None:
             try:
-                mode = _set_pragma(cursor, "journal_mode", setup.journal_mode)
+                mode = _set_pragma(cursor, "journal_mode", journal)
             except Exception as exc:
                 raise ConfigurationError(
-                    f"cannot set SQLite journal_mode={setup.journal_mode} on {database} "
-                    f"({exc}): another process holds the file in another journal mode (the "
-                    "TinyCortex crate keeps TRUNCATE); to share the file, run memtree with "
+                    f"cannot set SQLite journal_mode={journal} on {database} ({exc}): "
+                    "another process holds the file in another journal mode (the TinyCortex "
+                    "crate keeps TRUNCATE); to share the file, run memtree with "
                     "sqlite_journal_mode=None (CLI: --sqlite-journal-mode keep)"
                 ) from exc
-            if mode is not None and str(mode[0]).upper() != setup.journal_mode:
+            if mode is not None and str(mode[0]).upper() != journal:
                 raise ConfigurationError(
                     f"SQLite kept journal_mode={mode[0]} on {database} instead of "
-                    f"{setup.journal_mode}: another connection holds it; to share the file "
+                    f"{journal}: another connection holds it; to share the file "
                     "in its own mode, run memtree with sqlite_journal_mode=None"
                 )
-        if setup.synchronous is not None:
-            _set_pragma(cursor, "synchronous", setup.synchronous)
+        synchronous = setup.synchronous
+        if synchronous is None and setup.owns_begin:
+            # NORMAL is safe against power loss only in WAL; a rollback journal needs FULL.
+            current = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).upper()
+            synchronous = "NORMAL" if current == "WAL" else "FULL"
+        if synchronous is not None:
+            _set_pragma(cursor, "synchronous", synchronous)
     finally:
         cursor.close()
+
+
+def _choose_journal_mode(cursor: Any, wanted: str | None, database: str | None) -> str | None:
+    """The journal mode to set on this connection, or None to set none."""
+    if wanted is None or database in (None, "", ":memory:"):
+        return None
+    if wanted != SQLITE_JOURNAL_AUTO:
+        return wanted
+    current = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).upper()
+    if current == "WAL":
+        return None
+    holds_queue = cursor.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mem_tree_jobs'"
+    ).fetchone()
+    # A queue in a rollback journal is the crate's file, or one set up so on purpose.
+    return None if holds_queue else "WAL"
 
 
 def _install(engine: Engine, setup: _SQLiteSetup) -> None:
@@ -211,24 +240,24 @@ def _begin_immediate(dbapi_connection: Any) -> None:
 def create_engine(
     url: str | URL = DEFAULT_DATABASE_URL,
     *,
-    sqlite_journal_mode: str | None = "WAL",
+    sqlite_journal_mode: str | None = SQLITE_JOURNAL_AUTO,
     sqlite_synchronous: str | None = None,
     sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
     **kwargs: Any,
 ) -> Engine:
     """A SQLAlchemy engine set up for memtree (and safe for the application's own use).
 
-    SQLite gets the journal mode given (WAL by default; ``None`` keeps the file's, as a
-    file shared with the original crate needs), a busy timeout (15 s by default),
-    ``synchronous`` as given (by default ``NORMAL`` in WAL, which keeps every commit
-    across a process crash, and ``FULL`` otherwise) and ``BEGIN IMMEDIATE``
-    transactions. ``postgresql://`` URLs use psycopg 3, and a pooled connection idle
-    for a second is checked before use (unless ``pool_pre_ping`` is given).
+    SQLite gets a journal mode (by default ``"AUTO"``: WAL, except that a file already
+    holding ``mem_tree_jobs`` in a rollback journal, as the original crate keeps it,
+    keeps its mode; ``"WAL"``, ``"DELETE"``, ``"TRUNCATE"`` or ``"PERSIST"`` to set one;
+    ``None`` to set none), a busy timeout (15 s by default), ``synchronous`` as given (by
+    default ``NORMAL`` in WAL, which keeps every commit across a process crash, and
+    ``FULL`` in a rollback journal) and ``BEGIN IMMEDIATE`` transactions.
+    ``postgresql://`` URLs use psycopg 3, and a pooled connection idle for a second is
+    checked before use (unless ``pool_pre_ping`` is given).
     """
     journal_mode = _journal_mode(sqlite_journal_mode)
-    synchronous = _synchronous(sqlite_synchronous, journal_mode)
-    if synchronous is None:
-        synchronous = "FULL"
+    synchronous = _synchronous(sqlite_synchronous)
     busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
@@ -243,7 +272,7 @@ def create_engine(
 def configure_engine(
     engine: Engine,
     *,
-    sqlite_journal_mode: str | None = "WAL",
+    sqlite_journal_mode: str | None = SQLITE_JOURNAL_AUTO,
     sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> Engine:
     """Set up an engine the application built itself for memtree; returns it.
@@ -251,9 +280,10 @@ def configure_engine(
     ``Queue(engine)`` calls this with the defaults on a SQLite engine that neither
     :func:`create_engine` built nor this function has set up, so call it first only to
     choose otherwise. On SQLite every connection of the engine gets a busy timeout of at
-    least ``sqlite_busy_timeout_ms`` and the journal mode given (WAL by default; ``None``
-    keeps the file's), while its transactions still begin the way the application set
-    them up: memtree begins its own with ``BEGIN IMMEDIATE`` itself. Nothing is changed
+    least ``sqlite_busy_timeout_ms`` and the journal mode given (as for
+    :func:`create_engine`: ``"AUTO"`` by default, ``None`` keeps the file's), while its
+    transactions still begin the way the application set them up: memtree begins its
+    own with ``BEGIN IMMEDIATE`` itself. Nothing is changed
     on other databases. A second call, or a call on memtree's own engine, does nothing.
     """
     if not isinstance(engine, Engine):

@@ -105,17 +105,19 @@ def test_memtree_and_the_crate_drain_one_rollback_journal_file_together(
     assert journal_mode.lower() != "wal" and not Path(f"{path}-wal").exists()
 
 
-def test_memtree_in_wal_next_to_a_crate_transaction_is_a_configuration_error(
+def test_memtree_asked_for_wal_next_to_a_crate_transaction_is_a_configuration_error(
     tmp_path: Path,
 ) -> None:
-    """The failure the docs warn about: the default WAL cannot be set while the crate
-    writes, and memtree says what to do instead of a bare "database is locked"."""
+    """The failure the docs warn about: WAL cannot be set while the crate writes, and
+    memtree says what to do instead of a bare "database is locked"."""
     path = tmp_path / "chunks.db"
     crate = tinycortex.connect(str(path))
     try:
         crate.execute("BEGIN IMMEDIATE")  # a producer's enqueue_tx, in flight
         crate.execute(tinycortex.ENQUEUE, ("job:x", KIND, "{}", None, 5, 1, 1))
-        engine = memtree.create_engine(f"sqlite:///{path}", sqlite_busy_timeout_ms=100)
+        engine = memtree.create_engine(
+            f"sqlite:///{path}", sqlite_journal_mode="WAL", sqlite_busy_timeout_ms=100
+        )
         with pytest.raises(ConfigurationError, match="sqlite_journal_mode=None"):
             engine.connect()
         engine.dispose()
@@ -124,15 +126,15 @@ def test_memtree_in_wal_next_to_a_crate_transaction_is_a_configuration_error(
         crate.close()
 
 
-def test_memtree_in_wal_takes_an_idle_crate_file_and_locks_the_crate_out(
+def test_memtree_asked_for_wal_takes_an_idle_crate_file_and_locks_the_crate_out(
     tmp_path: Path,
 ) -> None:
-    """Between the crate's statements its connection holds no lock, so nothing stops
-    memtree's default WAL from converting the file; the crate's next connection then
-    cannot set its TRUNCATE mode while memtree has the file open. Keep the mode."""
+    """Between the crate's statements its connection holds no lock, so nothing stops an
+    explicit WAL from converting the file; the crate's next connection then cannot set
+    its TRUNCATE mode while memtree has the file open."""
     path = tmp_path / "chunks.db"
     crate = tinycortex.connect(str(path))
-    engine = memtree.create_engine(f"sqlite:///{path}")
+    engine = memtree.create_engine(f"sqlite:///{path}", sqlite_journal_mode="WAL")
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -141,3 +143,45 @@ def test_memtree_in_wal_takes_an_idle_crate_file_and_locks_the_crate_out(
     finally:
         engine.dispose()
         crate.close()
+
+
+@pytest.mark.parametrize("crate_writing", [False, True], ids=["crate-idle", "crate-writing"])
+def test_memtrees_default_keeps_the_crates_rollback_journal(
+    tmp_path: Path, crate_writing: bool
+) -> None:
+    """The default (``AUTO``) sets WAL only on a file that holds no queue yet: on the
+    crate's file, idle or mid-transaction, memtree keeps the crate's rollback journal,
+    and the crate can still open new connections while memtree has the file open."""
+    path = tmp_path / "chunks.db"
+    crate = tinycortex.connect(str(path))
+    if crate_writing:
+        crate.execute("BEGIN IMMEDIATE")
+        crate.execute(tinycortex.ENQUEUE, ("job:x", KIND, "{}", None, 5, 1, 1))
+    engine = memtree.create_engine(f"sqlite:///{path}")
+    try:
+        # A raw connection: memtree's set-up runs when it opens, and no BEGIN IMMEDIATE
+        # waits here for the crate's transaction.
+        raw = engine.raw_connection()
+        assert raw.cursor().execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+        assert raw.cursor().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        if crate_writing:
+            crate.execute("COMMIT")
+        tinycortex.connect(str(path)).close()  # the crate's next start works
+        raw.close()
+        assert not Path(f"{path}-wal").exists()
+    finally:
+        engine.dispose()
+        crate.close()
+
+
+def test_memtrees_default_sets_wal_on_a_file_without_a_queue(tmp_path: Path) -> None:
+    plain = sqlite3.connect(tmp_path / "app.db")
+    plain.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+    plain.close()
+    engine = memtree.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    finally:
+        engine.dispose()
