@@ -377,10 +377,10 @@ class HandlerStats:
 def _read(ctx: JobContext) -> Iterator[Session]:
     """A short session of its own, outside the job's settlement transaction.
 
-    The stand-in LLM is called between this read and the settlement: on SQLite every
-    transaction holds the write lock from its start (``BEGIN IMMEDIATE``), so a model
-    call inside the settlement transaction would stall every other handler and the
-    worker's own claims for as long as the model thinks.
+    The stand-in LLM is called between this read and the settlement, and nothing of the
+    settlement transaction should be open while the model thinks. (``ctx.session`` would
+    do here too: on SQLite it begins its transaction only at its first write or
+    ``FOR UPDATE`` read, which the handlers below make after the model call.)
     """
     with Session(ctx.queue.engine) as session:
         yield session

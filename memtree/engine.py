@@ -216,12 +216,55 @@ def _install(engine: Engine, setup: _SQLiteSetup) -> None:
         record.info[_PREPARED] = True
 
     _SETUPS[engine.dialect] = setup
+    # A handler connection (see handler_connection) begins its transaction before the
+    # first statement that writes or locks; every other statement runs as it would.
+    engine.dialect.do_execute = _execute  # type: ignore[method-assign]
+    engine.dialect.do_execute_no_params = _execute_no_params  # type: ignore[method-assign]
+    engine.dialect.do_executemany = _executemany  # type: ignore[method-assign]
     if setup.owns_begin:
         # SQLAlchemy runs the dialect's BEGIN where it would run its own, and wraps its
         # errors like any statement's. (A "begin" event would work too, but any
         # engine-level connection event makes SQLAlchemy join an event dispatcher onto
         # every connection it opens, which costs a tenth of a one-job transaction.)
         engine.dialect.do_begin = _begin_immediate  # type: ignore[method-assign]
+
+
+def _begins_the_write(cursor: Any, context: Any) -> bool:
+    """Whether this statement, about to run outside a transaction, must first begin a
+    handler connection's write transaction: it writes (an INSERT, UPDATE or DELETE
+    construct, a ``WITH`` in front included, which Python's sqlite3 would not see) or it
+    locks (``SELECT ... FOR UPDATE``, which SQLite's compiler drops from the SQL)."""
+    if context is None or cursor.connection.in_transaction:
+        return False
+    if not context.root_connection.connection.info.get(_LAZY):
+        return False
+    if context.isinsert or context.isupdate or context.isdelete:
+        return True
+    compiled = context.compiled
+    statement = getattr(compiled, "statement", None)
+    return getattr(statement, "_for_update_arg", None) is not None
+
+
+def _begin_write_now(cursor: Any) -> None:
+    cursor.execute("BEGIN IMMEDIATE")
+
+
+def _execute(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+    if _begins_the_write(cursor, context):
+        _begin_write_now(cursor)
+    cursor.execute(statement, parameters)
+
+
+def _execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+    if _begins_the_write(cursor, context):
+        _begin_write_now(cursor)
+    cursor.execute(statement)
+
+
+def _executemany(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+    if _begins_the_write(cursor, context):
+        _begin_write_now(cursor)
+    cursor.executemany(statement, parameters)
 
 
 def _begin_immediate(dbapi_connection: Any) -> None:
@@ -328,12 +371,14 @@ def begin_write(conn: Connection) -> RootTransaction:
 @contextmanager
 def handler_connection(engine: Engine) -> Iterator[Connection]:
     """A connection for a handler's session: on SQLite its transaction begins at the
-    first write (``BEGIN IMMEDIATE`` then) instead of at the first statement.
+    first statement that writes or locks (``BEGIN IMMEDIATE`` then) instead of at the
+    first statement.
 
     Reads before that run outside any transaction, each seeing the latest commit (as in
     PostgreSQL's default ``READ COMMITTED``), so a handler that reads and then waits on
-    an external call holds no lock meanwhile; from its first write to its commit it
-    holds SQLite's write lock. Elsewhere it is a plain connection.
+    an external call holds no lock meanwhile. A ``SELECT ... FOR UPDATE`` (which locks
+    rows on PostgreSQL) or the first write begins the transaction, and from then to its
+    commit the handler holds SQLite's write lock. Elsewhere it is a plain connection.
     """
     conn = engine.connect()
     try:
@@ -345,7 +390,9 @@ def handler_connection(engine: Engine) -> Iterator[Connection]:
         previous = dbapi_connection.isolation_level
         fairy.info[_LAZY] = True
         # Python's sqlite3 begins a transaction before the first INSERT, UPDATE, DELETE
-        # or REPLACE, with this as the BEGIN's mode, and runs reads in autocommit before it.
+        # or REPLACE text, with this as the BEGIN's mode, and runs reads in autocommit
+        # before it; memtree's execute hooks (see _begins_the_write) begin it for the
+        # statements sqlite3 cannot recognise.
         dbapi_connection.isolation_level = "IMMEDIATE"
         try:
             yield conn

@@ -32,7 +32,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
-from memtree.engine import handler_connection
+from memtree.engine import configure_engine, handler_connection
 from memtree.errors import (
     ConfigurationError,
     DatabaseError,
@@ -270,7 +270,7 @@ def _session_opener(
     bind = factory.kw.get("bind") or queue.engine
     if not isinstance(bind, Engine) or bind.dialect.name != "sqlite":
         return factory if session_factory is not None else sessionmaker(bind=bind)
-    engine = bind
+    engine = configure_engine(bind)  # a no-op on the queue's own engine
 
     def open_session() -> Session:
         stack = ExitStack()

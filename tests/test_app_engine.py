@@ -218,3 +218,35 @@ def test_a_handler_session_holds_the_write_lock_from_its_first_write_to_the_comm
     assert seen == [1]
     with engine.connect() as conn:
         assert conn.execute(text("SELECT text FROM app_notes")).scalars().all() == ["mine"]
+
+
+class Tally(Base):
+    __tablename__ = "app_tallies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+def test_handlers_that_read_for_update_then_write_lose_no_update(db_url: str) -> None:
+    """Code written for PostgreSQL (lock the row FOR UPDATE, then change it) keeps its
+    meaning on SQLite: there the FOR UPDATE read begins the write transaction."""
+    engine = memtree.create_engine(db_url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, session.begin():
+        session.add(Tally(id=1, n=0))
+    queue = Queue(engine)
+    queue.migrate()
+    queue.enqueue_many(NewJob("bump", {"n": n}) for n in range(40))
+
+    def bump(ctx: JobContext) -> None:
+        counter = ctx.session.scalars(select(Tally).with_for_update()).one()
+        seen = counter.n
+        time.sleep(0.002)  # another handler's turn, if the read did not lock
+        counter.n = seen + 1
+
+    worker = Worker(queue, {"bump": bump}, gates=(), concurrency=4)
+    try:
+        assert worker.run_until_idle() == 40
+        with Session(engine) as session:
+            assert session.get(Tally, 1).n == 40  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
