@@ -24,16 +24,14 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
-    false,
     func,
     insert,
     literal,
     literal_column,
+    or_,
     select,
     text,
-    true,
     tuple_,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -136,18 +134,20 @@ class Dialect:
         self, values: dict[str, Any], also: ColumnElement[bool] | None = None
     ) -> Executable:
         """An UPDATE applying ``values`` to every row :meth:`holds_claims` (and ``also``)
-        selects, returning ``(id, lease_token, locked)`` rows: ``locked`` false for each
-        row it updated and, where rows have locks, true for each row still under one of
-        the claims (whatever ``also`` says) that another transaction holds locked, which
-        it skips instead of waiting for. A caller settles a skipped row again later; it is
-        neither settled nor lost."""
+        selects, returning the ``(id, lease_token)`` of each row it updated. Where rows
+        have locks, a row another transaction holds locked is skipped, not waited for:
+        :meth:`skipped_for_a_lock` then tells a skipped claim from a lost one."""
         held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
-        return (
-            update(jobs)
-            .where(held)
-            .values(values)
-            .returning(jobs.c.id, jobs.c.lease_token, false().label("locked"))
-        )
+        return update(jobs).where(held).values(values).returning(jobs.c.id, jobs.c.lease_token)
+
+    def skipped_for_a_lock(
+        self, also: ColumnElement[bool] | None = None
+    ) -> Select[tuple[str]] | None:
+        """Run over the claims :meth:`update_held` (with the same ``also``) left out: the
+        ids of those it skipped for another transaction's row lock, to be settled again
+        later; the others were lost (or ``also`` refused them). None where rows have no
+        locks."""
+        return None
 
 
 class SQLiteDialect(Dialect):
@@ -243,9 +243,11 @@ class PostgresDialect(Dialect):
             .table_valued(*(column.name for column in _FENCE_COLUMNS))
             .render_derived(name="claims")
         )
+        # Joined by primary key, then each fence column compared: an index lookup per
+        # claim, where a row-value IN over the four columns plans worse.
         return and_(
             jobs.c.status == literal_column("'running'"),
-            tuple_(*_FENCE_COLUMNS).in_(select(*claims.c)),
+            *(column == claims.c[column.name] for column in _FENCE_COLUMNS),
         )
 
     def claims_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
@@ -259,34 +261,41 @@ class PostgresDialect(Dialect):
     ) -> Executable:
         # The loop thread runs these, and it must never wait on a row lock of another
         # session (a host's SELECT ... FOR UPDATE, a handler's open transaction): the rows
-        # are locked with SKIP LOCKED first, and a held row that was skipped is reported
-        # from the statement's snapshot as locked rather than left out, where a caller
-        # would take it for a lost lease. ``also`` applies once the row is locked, so a
-        # locked row it would refuse (a cancel requested) is retried too, not handed to a
-        # follow-up statement that would wait on the lock.
-        held = self.holds_claims()
+        # are locked with SKIP LOCKED first, once (a materialised CTE), and only those are
+        # updated. ``also`` applies once the row is locked, so a locked row it would refuse
+        # (a cancel requested) is skipped too, not handed to a follow-up statement that
+        # would wait on the lock. Telling skipped claims from lost ones costs a second
+        # statement (still_held), run only when some claim was left out.
         locked = (
             select(jobs.c.id)
-            .where(held)
-            .with_for_update(skip_locked=True)
+            .where(self.holds_claims())
+            .with_for_update(skip_locked=True, of=jobs)
             .cte("locked")
             .prefix_with("MATERIALIZED")
         )
         updated = update(jobs).where(jobs.c.id == locked.c.id)
         if also is not None:
             updated = updated.where(also)
-        updated_rows = (
-            updated.values(values).returning(jobs.c.id, jobs.c.lease_token).cte("updated")
+        return updated.values(values).returning(jobs.c.id, jobs.c.lease_token)
+
+    def skipped_for_a_lock(
+        self, also: ColumnElement[bool] | None = None
+    ) -> Select[tuple[str]] | None:
+        # A claim still held that update_held left out was skipped for a lock, even if
+        # that lock is gone by now (a claim's pick in another worker locks a row it then
+        # finds running, until its transaction ends). Only one that ``also`` refuses was
+        # left out for that, unless another transaction still holds it locked: a SKIP
+        # LOCKED read returns the rows this one can lock and skips the others'.
+        held = select(jobs.c.id).where(self.holds_claims())
+        if also is None:
+            return held
+        lockable = (
+            select(jobs.c.id)
+            .where(self.holds_claims())
+            .with_for_update(skip_locked=True, of=jobs)
+            .correlate(None)  # its own scan of the table, not the outer query's row
         )
-        skipped = (
-            select(jobs.c.id, jobs.c.lease_token, true().label("locked"))
-            .where(held)
-            .where(jobs.c.id.not_in(select(locked.c.id)))
-        )
-        return union_all(
-            select(updated_rows.c.id, updated_rows.c.lease_token, false().label("locked")),
-            skipped,
-        )
+        return held.where(or_(also, jobs.c.id.not_in(lockable)))
 
 
 #: The columns a settle matches its claim on, in the order of a :data:`Claim`.

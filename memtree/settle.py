@@ -325,26 +325,35 @@ def _claims(held: Sequence[Job]) -> list[Claim]:
     ]
 
 
+_NOT_CANCELLING = jobs.c.cancel_requested_at_ms.is_(None)
+
+
 @cache
 def _held_statements(dialect_name: str) -> dict[str, Executable]:
-    """The batched settles, each row fenced to its own claim, built once per database.
-
-    Each returns ``(id, lease_token, locked)`` rows (see :meth:`Dialect.update_held`): a
-    row another session holds locked is skipped and reported, never waited for.
-    """
+    """The batched settles, each row fenced to its own claim, built once per database
+    (see :meth:`Dialect.update_held`)."""
     dialect = dialect_for(dialect_name)
+    done = {
+        "status": DONE,
+        "completed_at_ms": bindparam("now"),
+        "locked_until_ms": NULL,
+        "last_error": NULL,
+    }
     return {
-        "done": dialect.update_held(
-            {
-                "status": DONE,
-                "completed_at_ms": bindparam("now"),
-                "locked_until_ms": NULL,
-                "last_error": NULL,
-            },
-            also=jobs.c.cancel_requested_at_ms.is_(None),
-        ),
+        "done": dialect.update_held(done, also=_NOT_CANCELLING),
         "extend": dialect.update_held({"locked_until_ms": bindparam("until")}),
         "release": dialect.update_held(_RELEASED),
+    }
+
+
+@cache
+def _skipped_statements(dialect_name: str) -> dict[str, Executable | None]:
+    """Per batched settle, the read of the claims it skipped for a row lock."""
+    dialect = dialect_for(dialect_name)
+    return {
+        "done": dialect.skipped_for_a_lock(also=_NOT_CANCELLING),
+        "extend": dialect.skipped_for_a_lock(),
+        "release": dialect.skipped_for_a_lock(),
     }
 
 
@@ -353,21 +362,22 @@ def _run_held(
 ) -> tuple[set[tuple[str, str]], set[str]]:
     """Run a batched settle over the claims of ``held`` that carry a token: the
     ``(id, lease_token)`` of each row it changed, and the ids of the rows it skipped
-    because another session holds them locked."""
+    because another session holds them locked (PostgreSQL; SQLite has no row locks)."""
     claims = _claims(held)
     if not claims:
         return set(), set()
     dialect = store.dialect_of(executor)
     statement = _held_statements(dialect.name)[which]
-    changed: set[tuple[str, str]] = set()
+    result = executor.execute(statement, {**params, **dialect.claims_params(claims)})
+    changed: set[tuple[str, str]] = {(job_id, token) for job_id, token in result.all()}
     locked: set[str] = set()
-    for job_id, token, skipped in executor.execute(
-        statement, {**params, **dialect.claims_params(claims)}
-    ).all():
-        if skipped:
-            locked.add(job_id)
-        else:
-            changed.add((job_id, token))
+    skipped_for_a_lock = _skipped_statements(dialect.name)[which]
+    if skipped_for_a_lock is not None and len(changed) < len(claims):
+        # Only then: a second statement to tell the claims skipped for a lock from the
+        # lost ones (and, for done, the ones asked to stop), so the common batch pays one.
+        left_out = [claim for claim in claims if (claim[0], claim[1]) not in changed]
+        found = executor.execute(skipped_for_a_lock, dialect.claims_params(left_out))
+        locked.update(found.scalars())
     return changed, locked
 
 
