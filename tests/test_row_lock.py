@@ -192,3 +192,39 @@ def test_a_worker_stopping_while_a_finished_jobs_row_is_locked_leaves_it_to_reco
     assert job is not None and job.status is JobStatus.RUNNING
     assert "1 finished jobs were not settled" in caplog.text
     assert "lease lost" not in caplog.text
+
+
+@on_postgresql
+def test_a_claim_skipped_for_a_lock_released_at_once_is_retried_not_lost(
+    queue: Queue, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock a batched settle skipped may be gone a moment later (another worker's claim
+    locks a row it then finds running, until its transaction ends): the claim is still
+    reported skipped, to be settled again, never taken for a lost lease. The host lets go
+    between the settle's UPDATE and its read of what it skipped."""
+    from memtree import settle
+
+    queue.enqueue_many([NewJob("a", i) for i in range(2)])
+    held, free = queue.claim_batch(2)
+    host = sqlalchemy.create_engine(db_url)
+    conn = host.connect()
+    transaction = conn.begin()
+    conn.execute(text("SELECT id FROM mem_tree_jobs WHERE id = :id FOR UPDATE"), {"id": held.id})
+    statements = settle._held_statements("postgresql")
+    original = settle._skipped_statements
+
+    def release_first(dialect_name: str) -> dict[str, object]:
+        transaction.commit()  # the lock is gone before the second read
+        return original(dialect_name)
+
+    monkeypatch.setattr(settle, "_skipped_statements", release_first)
+    try:
+        outcome, _ = queue.complete_and_claim([(held, []), (free, [])], (), 0)
+        assert outcome == SettledBatch(frozenset({free.id}), frozenset({held.id}))
+        assert statements is settle._held_statements("postgresql")
+    finally:
+        monkeypatch.undo()
+        conn.close()
+        host.dispose()
+    outcome, _ = queue.complete_and_claim([(held, [])], (), 0)
+    assert outcome == SettledBatch(frozenset({held.id}))
