@@ -22,6 +22,7 @@ Settlement, every state change after a claim, lives in :mod:`memtree.settle`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -512,6 +513,9 @@ _COLUMN_TYPES: dict[str, tuple[type, ...]] = {
     "heal_count": _INTEGER,
 }
 _CHECKS = tuple(_COLUMN_TYPES[name] for name in JOB_COLUMNS)
+#: Every sequence of value types a readable row can have (a few hundred): one set lookup
+#: of a row's types, in C, instead of a Python loop over its columns for every row claimed.
+_READABLE_TYPES = frozenset(itertools.product(*_CHECKS))
 
 
 def shown(value: object, limit: int = 60) -> str:
@@ -540,10 +544,7 @@ def job_from_values(values: Sequence[Any]) -> Job:
     """A :class:`Job` from the values of every column in :data:`JOB_COLUMNS` order: the
     claim's fast path, without a mapping per row. A value of a type memtree never writes,
     or an unknown status, is a :class:`CorruptJobError`."""
-    for value, allowed in zip(values, _CHECKS, strict=True):
-        if type(value) not in allowed:
-            break
-    else:
+    if tuple(map(type, values)) in _READABLE_TYPES:
         status = _STATUSES.get(values[4])
         if status is not None:
             job_id, kind, payload_json, dedupe_key, _, *rest = values
