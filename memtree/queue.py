@@ -20,6 +20,7 @@ from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from memtree import migration, settle, store, tracing, wakeup
+from memtree.config import positive_int
 from memtree.dialects import dialect_for
 from memtree.engine import begin_write, configure_engine, create_engine
 from memtree.errors import (
@@ -69,14 +70,6 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value}")
-    return value
-
-
 def _lease(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(f"lock_duration_ms must be an int, not {value!r}")
@@ -120,13 +113,13 @@ class Queue:
     ) -> None:
         if clock is not None and not callable(clock):
             raise ConfigurationError("clock must be a zero-argument callable returning epoch ms")
-        self.lock_duration_ms = _positive_int("lock_duration_ms", lock_duration_ms)
-        self.retry_base_ms = _positive_int("retry_base_ms", retry_base_ms)
-        self.retry_cap_ms = _positive_int("retry_cap_ms", retry_cap_ms)
+        self.lock_duration_ms = positive_int("lock_duration_ms", lock_duration_ms)
+        self.retry_base_ms = positive_int("retry_base_ms", retry_base_ms)
+        self.retry_cap_ms = positive_int("retry_cap_ms", retry_cap_ms)
         if self.retry_cap_ms < self.retry_base_ms:
             raise ConfigurationError("retry_cap_ms must be at least retry_base_ms")
-        self.max_defer_age_ms = _positive_int("max_defer_age_ms", max_defer_age_ms)
-        self.max_attempts = _positive_int("max_attempts", max_attempts)
+        self.max_defer_age_ms = positive_int("max_defer_age_ms", max_defer_age_ms)
+        self.max_attempts = positive_int("max_attempts", max_attempts)
         if isinstance(claim_order, str):
             raise ConfigurationError("claim_order must be a sequence of kinds, not one string")
         try:
@@ -254,7 +247,7 @@ class Queue:
         kinds: Iterable[str] | None = None,
     ) -> list[Job]:
         """Lease up to ``limit`` due jobs of ``kinds`` (all kinds by default)."""
-        limit = _positive_int("limit", limit, allow_zero=True)
+        limit = positive_int("limit", limit, allow_zero=True)
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         wanted = _kinds(kinds)
         with self.transaction() as conn:
@@ -447,7 +440,7 @@ class Queue:
         ``None`` is an operator's retry of them all: unbounded, heal counts start over."""
         limit = None
         if self_heal_limit is not None:
-            limit = _positive_int("self_heal_limit", self_heal_limit, allow_zero=True)
+            limit = positive_int("self_heal_limit", self_heal_limit, allow_zero=True)
         with self.transaction() as conn:
             count = settle.requeue_transient_failed(conn, now_ms=self.now_ms(), heal_limit=limit)
         return self._made_ready(count)
@@ -464,7 +457,7 @@ class Queue:
                 conn,
                 status=JobStatus(status),
                 completed_before_ms=completed_before_ms,
-                limit=_positive_int("limit", limit),
+                limit=positive_int("limit", limit),
             )
 
     def purge_retired_jobs(self) -> int:
@@ -505,7 +498,7 @@ class Queue:
                 status=None if status is None else JobStatus(status),
                 kind=kind,
                 dedupe_key=dedupe_key,
-                limit=_positive_int("limit", limit),
+                limit=positive_int("limit", limit),
             )
 
     def get_job(self, job_id: str) -> Job | None:

@@ -32,6 +32,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
+from memtree.config import positive_int, seconds
 from memtree.engine import configure_engine, handler_connection
 from memtree.errors import (
     ConfigurationError,
@@ -559,23 +560,38 @@ class Worker:
         self.queue = queue
         self.handlers: dict[str, Handler] = dict(handlers)
         self.concurrency = concurrency
-        self.lock_duration_ms = lock_duration_ms or queue.lock_duration_ms
-        if self.lock_duration_ms < 1:
-            raise ConfigurationError("lock_duration_ms must be > 0")
-        self.heartbeat_interval_ms = heartbeat_interval_ms or max(self.lock_duration_ms // 3, 1)
+        # None asks for the default; an explicit 0 or a negative value is refused.
+        self.lock_duration_ms = (
+            queue.lock_duration_ms
+            if lock_duration_ms is None
+            else positive_int("lock_duration_ms", lock_duration_ms)
+        )
+        self.heartbeat_interval_ms = (
+            max(self.lock_duration_ms // 3, 1)
+            if heartbeat_interval_ms is None
+            else positive_int("heartbeat_interval_ms", heartbeat_interval_ms)
+        )
         if self.heartbeat_interval_ms >= self.lock_duration_ms:
             raise ConfigurationError("heartbeat_interval_ms must be shorter than the lease")
         on_pg = queue.dialect.notifies
-        self.poll_interval_s = poll_interval_s or (1.0 if on_pg else 0.25)
-        self.shutdown_grace_s = shutdown_grace_s
+        self.poll_interval_s = (
+            (1.0 if on_pg else 0.25)
+            if poll_interval_s is None
+            else seconds("poll_interval_s", poll_interval_s)
+        )
+        self.shutdown_grace_s = seconds("shutdown_grace_s", shutdown_grace_s, allow_zero=True)
         self.intervals = {
             # At most half a lease, so a dead peer's jobs wait about a lease, not 30 s more.
-            "recover": recover_interval_s or min(30.0, self.lock_duration_ms / 2000),
-            "self_heal": self_heal_interval_s,
-            "flush_stale": flush_stale_interval_s,
-            "prune": prune_interval_s,
+            "recover": min(30.0, self.lock_duration_ms / 2000)
+            if recover_interval_s is None
+            else seconds("recover_interval_s", recover_interval_s),
+            "self_heal": seconds("self_heal_interval_s", self_heal_interval_s),
+            "flush_stale": seconds("flush_stale_interval_s", flush_stale_interval_s),
+            "prune": seconds("prune_interval_s", prune_interval_s),
         }
-        self.retention_ms = retention_ms
+        self.retention_ms = (
+            None if retention_ms is None else positive_int("retention_ms", retention_ms)
+        )
         self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self._session_factory = _session_opener(queue, session_factory)

@@ -801,3 +801,48 @@ def test_an_async_handler_is_refused_when_it_is_registered(queue: Queue, handler
     assert "k" not in handlers
     with pytest.raises(memtree.ConfigurationError, match=r"async def.*asyncio\.run"):
         Worker(queue, {"k": handler})  # type: ignore[dict-item]
+
+
+# -- settings validated when the worker is built ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("lock_duration_ms", 0),
+        ("lock_duration_ms", -1),
+        ("heartbeat_interval_ms", 0),
+        ("poll_interval_s", 0),
+        ("poll_interval_s", -0.5),
+        ("poll_interval_s", float("nan")),
+        ("recover_interval_s", 0),
+        ("self_heal_interval_s", 0),
+        ("flush_stale_interval_s", -1),
+        ("prune_interval_s", 0),
+        ("shutdown_grace_s", -1),
+        ("retention_ms", 0),
+        ("lock_duration_ms", True),
+    ],
+)
+def test_a_zero_or_negative_worker_setting_is_refused_not_replaced_by_its_default(
+    queue: Queue, setting: str, value: object
+) -> None:
+    with pytest.raises(memtree.ConfigurationError, match=setting):
+        Worker(queue, {"k": lambda ctx: None}, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_none_asks_for_a_settings_default_and_zero_grace_is_allowed(queue: Queue) -> None:
+    worker = Worker(
+        queue,
+        {"k": lambda ctx: None},
+        lock_duration_ms=None,
+        heartbeat_interval_ms=None,
+        poll_interval_s=None,
+        recover_interval_s=None,
+        shutdown_grace_s=0,
+        retention_ms=None,
+    )
+    assert worker.lock_duration_ms == queue.lock_duration_ms
+    assert worker.heartbeat_interval_ms == queue.lock_duration_ms // 3
+    assert worker.poll_interval_s > 0 and worker.intervals["recover"] > 0
+    assert worker.shutdown_grace_s == 0 and worker.retention_ms is None
