@@ -28,7 +28,7 @@ from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
 from memtree import migration, store
-from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url
+from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
 from memtree.redact import scrub
@@ -89,13 +89,8 @@ class Context:
 
 
 def _missing_sqlite_file(url: str) -> str | None:
-    parsed = normalize_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.query.get("uri"):
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or os.path.exists(database):
-        return None
-    return database
+    path = sqlite_file(url)
+    return path if path is not None and not os.path.exists(path) else None
 
 
 database_url_option = click.option(

@@ -81,6 +81,8 @@ class Dialect:
     skip_locked: ClassVar[bool] = False
     #: Whether enqueues notify listening workers (at commit) through the database.
     notifies: ClassVar[bool] = False
+    #: Whether a column may hold a value of another type than it declares (SQLite).
+    loosely_typed: ClassVar[bool] = False
 
     def insert_unless_active_key(self) -> Insert:
         """An INSERT that silently does nothing when the dedupe key is active."""
@@ -154,6 +156,7 @@ class SQLiteDialect(Dialect):
     """SQLite serialises writers, so a claim is one UPDATE of the picked ids."""
 
     name = "sqlite"
+    loosely_typed = True
 
     def insert_unless_active_key(self) -> Insert:
         # Input is validated before it gets here, so the dedupe index is the only

@@ -25,6 +25,7 @@ What memtree needs from a SQLite file, and why:
 from __future__ import annotations
 
 import functools
+import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ __all__ = [
     "create_engine",
     "handler_connection",
     "normalize_url",
+    "sqlite_file",
 ]
 
 DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
@@ -101,6 +103,18 @@ def normalize_url(url: str | URL) -> URL:
 #: UTF-8. A ``partial`` of ``str`` runs in C: a Python function here would run for every
 #: text value of every row read.
 _decode_text = functools.partial(str, encoding="utf-8", errors="replace")
+
+
+def sqlite_file(url: str | URL) -> str | None:
+    """The file a SQLite URL names, as an absolute path; None for other databases, for an
+    in-memory database and for a ``file:`` URI, whose path SQLite resolves itself."""
+    parsed = normalize_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or "uri" in parsed.query or "mode" in parsed.query:
+        return None
+    return os.path.abspath(database)
 
 
 def _journal_mode(value: str | None) -> str | None:

@@ -657,8 +657,8 @@ def _text(value: object) -> str:
 @cache
 def _unreadable_statement(dialect_name: str) -> Select[Any]:
     problems: list[ColumnElement[bool]] = [jobs.c.status.not_in(list(_STATUSES))]
-    if dialect_name == "sqlite":
-        # Only SQLite lets a column hold another type; PostgreSQL's columns are typed.
+    if dialect_for(dialect_name).loosely_typed:
+        # Only there can a column hold another type than it declares.
         for name, allowed in _COLUMN_TYPES.items():
             types = ["text" if allowed[0] is str else "integer"]
             if len(allowed) > 1:

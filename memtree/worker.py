@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
 from memtree.config import positive_int, seconds
-from memtree.engine import configure_engine, handler_connection
+from memtree.engine import configure_engine, handler_connection, sqlite_file
 from memtree.errors import (
     ConfigurationError,
     DatabaseError,
@@ -424,13 +424,8 @@ class _DatabaseFile:
     @classmethod
     def of(cls, engine: Engine) -> _DatabaseFile | None:
         """The file of a SQLite engine; None for PostgreSQL, in-memory and URI databases."""
-        url = engine.url
-        database = url.database
-        if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-            return None
-        if database.startswith("file:") or "uri" in url.query or "mode" in url.query:
-            return None
-        return cls(os.path.abspath(database))
+        path = sqlite_file(engine.url)
+        return None if path is None else cls(path)
 
     def _stat(self) -> tuple[int, int] | None:
         try:

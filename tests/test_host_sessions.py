@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_sessio
 import memtree
 from memtree import ConfigurationError, JobStatus, NewJob, Queue, Worker
 from memtree.worker import JobContext
+from tests.test_transactional import _async_url
 
 
 class Base(DeclarativeBase):
@@ -157,13 +158,6 @@ def test_every_free_function_takes_a_scoped_session(db_url: str) -> None:
     finally:
         session.remove()
         engine.dispose()
-
-
-def _async_url(db_url: str) -> str:
-    url = sqlalchemy.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        return url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def test_enqueue_async_takes_an_async_scoped_session(db_url: str) -> None:
