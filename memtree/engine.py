@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 from sqlalchemy import URL, Connection, Engine, RootTransaction, event, make_url
@@ -39,6 +39,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.interfaces import Dialect as SADialect
 
 from memtree.dialects import dialect_for
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from memtree.errors import ConfigurationError
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "SQLITE_JOURNAL_AUTO",
     "SQLITE_JOURNAL_MODES",
+    "async_engine_for",
+    "async_handler_session",
     "begin_write",
     "configure_engine",
     "create_engine",
@@ -86,6 +91,9 @@ class _SQLiteSetup:
     #: Built by :func:`create_engine`: every transaction begins IMMEDIATE through the
     #: dialect. Otherwise memtree begins its own transactions itself (:func:`begin_write`).
     owns_begin: bool
+    #: Built by :func:`async_engine_for` for async handlers' sessions: every connection
+    #: begins its transaction at its first write, as a :func:`handler_connection` does.
+    lazy: bool = False
 
 
 _SETUPS: weakref.WeakKeyDictionary[SADialect, _SQLiteSetup] = weakref.WeakKeyDictionary()
@@ -159,7 +167,18 @@ def _set_pragma(cursor: Any, name: str, value: int | str) -> Any:
         (name == "busy_timeout" and type(value) is int) or value in _PRAGMA_VALUES.get(name, ())
     ):
         raise ConfigurationError(f"the {name} pragma cannot be set to {value!r}")
-    return cursor.execute(f"PRAGMA {name} = {value}").fetchone()
+    cursor.execute(f"PRAGMA {name} = {value}")
+    return cursor.fetchone()
+
+
+def _read_pragma(cursor: Any, name: str) -> Any:
+    """A pragma's value. (Execute, then fetch: aiosqlite's adapted cursor returns no
+    cursor from ``execute``.)"""
+    cursor.execute(_PRAGMA_READS[name])
+    return cursor.fetchone()[0]
+
+
+_PRAGMA_READS = {"busy_timeout": "PRAGMA busy_timeout", "journal_mode": "PRAGMA journal_mode"}
 
 
 def _prepare(dbapi_connection: Any, setup: _SQLiteSetup, database: str | None) -> None:
@@ -167,7 +186,7 @@ def _prepare(dbapi_connection: Any, setup: _SQLiteSetup, database: str | None) -
     cursor = dbapi_connection.cursor()
     try:
         # On the application's engine, keep a longer timeout it chose for itself.
-        current = 0 if setup.owns_begin else cursor.execute("PRAGMA busy_timeout").fetchone()[0]
+        current = 0 if setup.owns_begin else _read_pragma(cursor, "busy_timeout")
         if setup.owns_begin or int(current) < setup.busy_timeout_ms:
             _set_pragma(cursor, "busy_timeout", setup.busy_timeout_ms)
         journal = _choose_journal_mode(cursor, setup.journal_mode, database)
@@ -190,7 +209,7 @@ def _prepare(dbapi_connection: Any, setup: _SQLiteSetup, database: str | None) -
         synchronous = setup.synchronous
         if synchronous is None and setup.owns_begin:
             # NORMAL is safe against power loss only in WAL; a rollback journal needs FULL.
-            current = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).upper()
+            current = str(_read_pragma(cursor, "journal_mode")).upper()
             synchronous = "NORMAL" if current == "WAL" else "FULL"
         if synchronous is not None:
             _set_pragma(cursor, "synchronous", synchronous)
@@ -204,12 +223,11 @@ def _choose_journal_mode(cursor: Any, wanted: str | None, database: str | None) 
         return None
     if wanted != SQLITE_JOURNAL_AUTO:
         return wanted
-    current = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).upper()
+    current = str(_read_pragma(cursor, "journal_mode")).upper()
     if current == "WAL":
         return None
-    holds_queue = cursor.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mem_tree_jobs'"
-    ).fetchone()
+    cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mem_tree_jobs'")
+    holds_queue = cursor.fetchone()
     # A queue in a rollback journal is the crate's file, or one set up so on purpose.
     return None if holds_queue else "WAL"
 
@@ -219,7 +237,13 @@ def _install(engine: Engine, setup: _SQLiteSetup) -> None:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
-        if setup.owns_begin:
+        if setup.lazy:
+            # Python's sqlite3 begins (IMMEDIATE) before the first INSERT, UPDATE or
+            # DELETE text; the execute hooks begin it for what sqlite3 cannot see.
+            dbapi_connection.isolation_level = "IMMEDIATE"
+            _sqlite3_of(dbapi_connection).text_factory = _decode_text
+            record.info[_LAZY] = True
+        elif setup.owns_begin:
             # memtree issues BEGIN itself (below); the driver's implicit BEGIN would be
             # DEFERRED and could fail with SQLITE_BUSY instead of waiting.
             dbapi_connection.isolation_level = None
@@ -235,7 +259,7 @@ def _install(engine: Engine, setup: _SQLiteSetup) -> None:
     engine.dialect.do_execute = _execute  # type: ignore[method-assign]
     engine.dialect.do_execute_no_params = _execute_no_params  # type: ignore[method-assign]
     engine.dialect.do_executemany = _executemany  # type: ignore[method-assign]
-    if setup.owns_begin:
+    if setup.owns_begin or setup.lazy:
         # SQLAlchemy runs the dialect's BEGIN where it would run its own, and wraps its
         # errors like any statement's. (A "begin" event would work too, but any
         # engine-level connection event makes SQLAlchemy join an event dispatcher onto
@@ -248,15 +272,23 @@ def _begins_the_write(cursor: Any, context: Any) -> bool:
     handler connection's write transaction: it writes (an INSERT, UPDATE or DELETE
     construct, a ``WITH`` in front included, which Python's sqlite3 would not see) or it
     locks (``SELECT ... FOR UPDATE``, which SQLite's compiler drops from the SQL)."""
-    if context is None or cursor.connection.in_transaction:
+    if context is None:
         return False
-    if not context.root_connection.connection.info.get(_LAZY):
+    fairy = context.root_connection.connection
+    if not fairy.info.get(_LAZY) or _sqlite3_of(fairy.dbapi_connection).in_transaction:
         return False
     if context.isinsert or context.isupdate or context.isdelete:
         return True
     compiled = context.compiled
     statement = getattr(compiled, "statement", None)
     return getattr(statement, "_for_update_arg", None) is not None
+
+
+def _sqlite3_of(dbapi_connection: Any) -> Any:
+    """The ``sqlite3.Connection`` behind a DBAPI connection: itself for pysqlite, the one
+    inside aiosqlite's connection for SQLAlchemy's aiosqlite adapter."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    return getattr(driver, "_conn", driver)
 
 
 def _begin_write_now(cursor: Any) -> None:
@@ -418,6 +450,41 @@ def handler_connection(engine: Engine) -> Iterator[Connection]:
             dbapi_connection.isolation_level = previous
     finally:
         conn.close()
+
+
+def async_engine_for(engine: Engine) -> AsyncEngine:
+    """An async engine on ``engine``'s database, for the sessions of async handlers.
+
+    SQLite gets aiosqlite, the busy timeout and journal mode ``engine`` has, and
+    connections whose transactions begin at their first write or ``SELECT ... FOR
+    UPDATE`` (as :func:`handler_connection`'s do). PostgreSQL gets psycopg 3's async
+    connection. The caller disposes of it.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = engine.url
+    if engine.dialect.name == "sqlite":
+        setup = _setup_of(engine) or _SQLiteSetup(
+            SQLITE_JOURNAL_AUTO, None, SQLITE_BUSY_TIMEOUT_MS, False
+        )
+        async_engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"))
+        handler_setup = _SQLiteSetup(
+            setup.journal_mode, setup.synchronous, setup.busy_timeout_ms, False, lazy=True
+        )
+        _install(async_engine.sync_engine, handler_setup)
+        return async_engine
+    if engine.dialect.name == "postgresql":
+        async_engine = create_async_engine(url.set(drivername="postgresql+psycopg"))
+        _ping_after_idle(async_engine.sync_engine)
+        return async_engine
+    raise ConfigurationError(f"no async driver for {engine.dialect.name}")
+
+
+def async_handler_session(engine: AsyncEngine) -> AsyncSession:
+    """The ``AsyncSession`` of one async handler's run, on :func:`async_engine_for`'s engine."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    return AsyncSession(bind=engine)
 
 
 def _ping_after_idle(engine: Engine) -> None:

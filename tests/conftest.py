@@ -21,6 +21,7 @@ from sqlalchemy import Engine, text
 import memtree
 from memtree import Queue
 from memtree.testing import FakeClock
+from tests.flavors import EXECUTORS
 
 PG_ADMIN_URL = os.environ.get(
     "MEMTREE_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/postgres"
@@ -109,3 +110,10 @@ def wall_queue(engine: Engine) -> Queue:
     q = Queue(engine)
     q.migrate()
     return q
+
+
+@pytest.fixture(params=EXECUTORS)
+def executor(request: pytest.FixtureRequest) -> str:
+    """Which executor runs the test's handlers: threads (``def``) or asyncio
+    (``async def``); see tests/flavors.py."""
+    return str(request.param)

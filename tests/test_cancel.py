@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 from sqlalchemy import Engine, Integer, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -10,6 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from memtree import CancelOutcome, JobStatus, NewJob, Queue
 from memtree.worker import Handlers, JobContext, Worker
 from tests.conftest import FakeClock
+from tests.flavors import Step, add, handler, wait, wait_cancelled
 
 
 class Base(DeclarativeBase):
@@ -73,20 +75,20 @@ def test_release_of_a_cancelled_running_job_ends_it_cancelled(queue: Queue) -> N
 
 
 def test_a_running_handler_sees_the_request_and_the_job_ends_cancelled(
-    wall_queue: Queue, engine: Engine
+    wall_queue: Queue, engine: Engine, executor: str
 ) -> None:
     Base.metadata.create_all(engine)
     started = threading.Event()
     seen: list[bool] = []
     handlers = Handlers()
 
-    @handlers.register("long")
-    def long_job(ctx: JobContext) -> None:
-        ctx.session.add(Mark())
+    def long_job(ctx: JobContext) -> Iterator[Step]:
+        yield add(Mark())
         started.set()
-        seen.append(ctx.cancel_event.wait(30))
+        seen.append((yield wait_cancelled(30)))
         seen.append(ctx.cancelled)
 
+    handlers.register("long")(handler(executor, long_job))
     job_id = wall_queue.enqueue(NewJob("long"))
     worker = Worker(wall_queue, handlers, poll_interval_s=0.05)
     runner = threading.Thread(target=worker.run_until_idle)
@@ -101,16 +103,18 @@ def test_a_running_handler_sees_the_request_and_the_job_ends_cancelled(
         assert session.scalars(select(Mark)).all() == [], "a cancelled run's writes roll back"
 
 
-def test_a_handler_that_ignores_the_request_still_ends_cancelled(wall_queue: Queue) -> None:
+def test_a_handler_that_ignores_the_request_still_ends_cancelled(
+    wall_queue: Queue, executor: str
+) -> None:
     started, resume = threading.Event(), threading.Event()
     handlers = Handlers()
 
-    @handlers.register("stubborn")
-    def stubborn(ctx: JobContext) -> None:
+    def stubborn(ctx: JobContext) -> Iterator[Step]:
         started.set()
-        assert resume.wait(30)
+        assert (yield wait(resume, 30))
         ctx.enqueue(NewJob("followup"))
 
+    handlers.register("stubborn")(handler(executor, stubborn))
     job_id = wall_queue.enqueue(NewJob("stubborn"))
     runner = threading.Thread(target=Worker(wall_queue, handlers).run_until_idle)
     runner.start()

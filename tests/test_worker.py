@@ -7,6 +7,7 @@ where the fallback it proves unnecessary would take half a minute.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import sqlite3
@@ -14,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
@@ -24,7 +26,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import memtree
 from memtree import JobFailure, JobStatus, NewJob, Queue
-from memtree.worker import Defer, Gate, Handlers, JobContext, Worker
+from memtree.worker import AsyncJobContext, Defer, Gate, Handlers, JobContext, Worker
+from tests.flavors import Step, add, call, flush, handler, sleep, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,31 +90,29 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 # -- outcomes ---------------------------------------------------------------------------
 
 
-def test_handler_outcomes_done_defer_retry_and_fail(app: Queue) -> None:
+def test_handler_outcomes_done_defer_retry_and_fail(app: Queue, executor: str) -> None:
     handlers = Handlers()
 
-    @handlers.register("ok")
     def ok(ctx: JobContext) -> None:
         assert ctx.payload == {"n": 1}
 
-    @handlers.register("later")
     def later(ctx: JobContext) -> Defer:
         return Defer(delay_ms=60_000, reason="rate limited")
 
-    @handlers.register("flaky")
     def flaky(ctx: JobContext) -> None:
         raise ConnectionError("upstream 503")
 
-    @handlers.register("doomed")
     def doomed(ctx: JobContext) -> None:
         try:
             raise JobFailure.unrecoverable("auth_revoked")
         except JobFailure as failure:
             raise RuntimeError("provider refused") from failure
 
-    @handlers.register("odd")
     def odd(ctx: JobContext) -> object:
         return 42
+
+    for body in (ok, later, flaky, doomed, odd):
+        handlers.register(body.__name__)(handler(executor, body))
 
     ids = app.enqueue_many(
         [NewJob("ok", {"n": 1}), NewJob("later"), NewJob("flaky"), NewJob("doomed"), NewJob("odd")]
@@ -142,13 +143,14 @@ def test_only_kinds_with_handlers_are_claimed(app: Queue) -> None:
     assert status_of(app, theirs) is JobStatus.READY
 
 
-def test_run_until_idle_drains_followups(app: Queue) -> None:
+def test_run_until_idle_drains_followups(app: Queue, executor: str) -> None:
     handlers = Handlers()
 
-    @handlers.register("step")
     def step(ctx: JobContext) -> None:
         if ctx.payload < 5:
             ctx.enqueue(NewJob("step", ctx.payload + 1))
+
+    handlers.register("step")(handler(executor, step))
 
     app.enqueue(NewJob("step", 0))
     assert Worker(app, handlers).run_until_idle() == 6
@@ -158,13 +160,16 @@ def test_run_until_idle_drains_followups(app: Queue) -> None:
 # -- transactional completion -------------------------------------------------------------
 
 
-def test_domain_writes_and_followups_commit_with_completion(app: Queue, engine: Engine) -> None:
+def test_domain_writes_and_followups_commit_with_completion(
+    app: Queue, engine: Engine, executor: str
+) -> None:
     handlers = Handlers()
 
-    @handlers.register("write")
-    def write(ctx: JobContext) -> None:
-        ctx.session.add(Effect(job_id=ctx.job.id))
+    def write(ctx: JobContext) -> Iterator[Step]:
+        yield add(Effect(job_id=ctx.job.id))
         ctx.enqueue(NewJob("after", {"parent": ctx.job.id}))
+
+    handlers.register("write")(handler(executor, write))
 
     job_id = app.enqueue(NewJob("write"))
     Worker(app, handlers).run_until_idle()
@@ -297,21 +302,24 @@ def test_chained_claims_keep_gates_and_stop_with_the_worker(app: Queue, engine: 
     assert app.count_by_status(JobStatus.RUNNING) == 0
 
 
-def test_raising_or_deferring_rolls_back_the_handlers_writes(app: Queue, engine: Engine) -> None:
+def test_raising_or_deferring_rolls_back_the_handlers_writes(
+    app: Queue, engine: Engine, executor: str
+) -> None:
     handlers = Handlers()
 
-    @handlers.register("raise")
-    def boom(ctx: JobContext) -> None:
-        ctx.session.add(Effect(job_id=ctx.job.id))
-        ctx.session.flush()
+    def boom(ctx: JobContext) -> Iterator[Step]:
+        yield add(Effect(job_id=ctx.job.id))
+        yield flush()
         ctx.enqueue(NewJob("never"))
         raise RuntimeError("after writing")
 
-    @handlers.register("defer")
-    def defer(ctx: JobContext) -> Defer:
-        ctx.session.add(Effect(job_id=ctx.job.id))
-        ctx.session.flush()
+    def defer(ctx: JobContext) -> Generator[Step, Any, Defer]:
+        yield add(Effect(job_id=ctx.job.id))
+        yield flush()
         return Defer(delay_ms=60_000, reason="not yet")
+
+    handlers.register("raise")(handler(executor, boom))
+    handlers.register("defer")(handler(executor, defer))
 
     app.enqueue_many([NewJob("raise"), NewJob("defer")])
     Worker(app, handlers).run_until_idle()
@@ -319,16 +327,19 @@ def test_raising_or_deferring_rolls_back_the_handlers_writes(app: Queue, engine:
     assert app.count_total() == 2, "the raising handler's follow-up was not enqueued"
 
 
-def test_a_lost_lease_rolls_back_the_handlers_writes(app: Queue, engine: Engine) -> None:
+def test_a_lost_lease_rolls_back_the_handlers_writes(
+    app: Queue, engine: Engine, executor: str
+) -> None:
     started, resume = threading.Event(), threading.Event()
     handlers = Handlers()
 
-    @handlers.register("slow")
-    def slow(ctx: JobContext) -> None:
+    def slow(ctx: JobContext) -> Iterator[Step]:
         started.set()
-        assert resume.wait(30)
-        ctx.session.add(Effect(job_id=ctx.job.id))
+        assert (yield wait(resume, 30))
+        yield add(Effect(job_id=ctx.job.id))
         ctx.enqueue(NewJob("followup"))
+
+    handlers.register("slow")(handler(executor, slow))
 
     job_id = app.enqueue(NewJob("slow"))
     worker = Worker(app, handlers, concurrency=1)  # no free slot to re-claim it itself
@@ -346,16 +357,17 @@ def test_a_lost_lease_rolls_back_the_handlers_writes(app: Queue, engine: Engine)
     assert app.mark_done(second)
 
 
-def test_heartbeat_keeps_a_slow_job_past_its_lease(app: Queue) -> None:
+def test_heartbeat_keeps_a_slow_job_past_its_lease(app: Queue, executor: str) -> None:
     handlers = Handlers()
     recovered: list[int] = []
 
-    @handlers.register("long")
-    def long_job(ctx: JobContext) -> None:
+    def long_job(ctx: JobContext) -> Iterator[Step]:
         deadline = time.monotonic() + 2.5  # five leases long
         while time.monotonic() < deadline:
-            recovered.append(app.recover_stale_locks())
-            time.sleep(0.1)
+            recovered.append((yield call(app.recover_stale_locks)))
+            yield sleep(0.1)
+
+    handlers.register("long")(handler(executor, long_job))
 
     job_id = app.enqueue(NewJob("long"))
     worker = Worker(app, handlers, lock_duration_ms=500, heartbeat_interval_ms=150)
@@ -367,21 +379,22 @@ def test_heartbeat_keeps_a_slow_job_past_its_lease(app: Queue) -> None:
 
 
 def test_heartbeat_notices_a_lost_lease_and_the_run_is_not_settled(
-    app: Queue, caplog: pytest.LogCaptureFixture
+    app: Queue, caplog: pytest.LogCaptureFixture, executor: str
 ) -> None:
     started, resume = threading.Event(), threading.Event()
     handlers = Handlers()
 
     runs: list[bool] = []
 
-    @handlers.register("slow")
-    def slow(ctx: JobContext) -> Defer | None:
+    def slow(ctx: JobContext) -> Generator[Step, Any, Defer | None]:
         if runs:  # the run after the lost one: park it
             return Defer(delay_ms=60_000, reason="parked by the test")
         started.set()
-        assert resume.wait(30)
+        assert (yield wait(resume, 30))
         runs.append(ctx.lease_lost.is_set())
         return None
+
+    handlers.register("slow")(handler(executor, slow))
 
     job_id = app.enqueue(NewJob("slow"))
     worker = Worker(app, handlers, concurrency=1, lock_duration_ms=600, heartbeat_interval_ms=100)
@@ -483,7 +496,12 @@ def test_notify_wakes_a_worker_for_an_enqueue_in_another_process(app: Queue, db_
     started: dict[str, float] = {}
     worker = Worker(app, timed_handlers(started), poll_interval_s=30.0)
     with Running(worker):
-        wait_for(lambda: worker._listener is not None and worker._listener.wait_listening(0.1))
+
+        def listening() -> bool:
+            listener = worker.producer.listener
+            return listener is not None and listener.wait_listening(0.1)
+
+        wait_for(listening)
         time.sleep(0.3)
         job_id = enqueue_from_another_process(db_url)
         wait_for(lambda: job_id in started, timeout=10)
@@ -512,14 +530,17 @@ def test_a_scheduled_job_starts_on_time_not_a_poll_late(app: Queue) -> None:
 # -- shutdown -----------------------------------------------------------------------------
 
 
-def test_shutdown_releases_only_its_own_leases_and_gives_attempts_back(app: Queue) -> None:
+def test_shutdown_releases_only_its_own_leases_and_gives_attempts_back(
+    app: Queue, executor: str
+) -> None:
     started = threading.Event()
     handlers = Handlers()
 
-    @handlers.register("stuck")
-    def stuck(ctx: JobContext) -> None:
+    def stuck(ctx: JobContext) -> Iterator[Step]:
         started.set()
-        time.sleep(3)
+        yield sleep(3)
+
+    handlers.register("stuck")(handler(executor, stuck))
 
     theirs = app.enqueue(NewJob("other_kind"))
     other_worker_claim = app.claim_next(kinds=["other_kind"])
@@ -534,14 +555,15 @@ def test_shutdown_releases_only_its_own_leases_and_gives_attempts_back(app: Queu
     assert status_of(app, theirs) is JobStatus.RUNNING, "another worker's lease is not ours"
 
 
-def test_graceful_stop_lets_a_running_handler_finish(app: Queue) -> None:
+def test_graceful_stop_lets_a_running_handler_finish(app: Queue, executor: str) -> None:
     started = threading.Event()
     handlers = Handlers()
 
-    @handlers.register("short")
-    def short(ctx: JobContext) -> None:
+    def short(ctx: JobContext) -> Iterator[Step]:
         started.set()
-        time.sleep(0.3)
+        yield sleep(0.3)
+
+    handlers.register("short")(handler(executor, short))
 
     job_id = app.enqueue(NewJob("short"))
     with Running(Worker(app, handlers, shutdown_grace_s=30)):
@@ -781,26 +803,40 @@ def test_a_second_signal_exits_at_once(app: Queue, db_url: str, tmp_path: Path) 
     assert status_of(app, job_id) is JobStatus.RUNNING, "its lease expires and is recovered"
 
 
-# -- handlers memtree cannot run ----------------------------------------------------------
+# -- handlers of both kinds ----------------------------------------------------------------
 
 
-async def _coroutine_handler(ctx: JobContext) -> None:  # pragma: no cover - never awaited
-    return None
+async def _coroutine_handler(ctx: AsyncJobContext) -> None:
+    await asyncio.sleep(0)
+    ctx.enqueue(NewJob("after", {"from": ctx.job.id}))
 
 
 class _AsyncCallable:
-    async def __call__(self, ctx: JobContext) -> None:  # pragma: no cover - never awaited
-        return None
+    async def __call__(self, ctx: AsyncJobContext) -> None:
+        await asyncio.sleep(0)
+        ctx.enqueue(NewJob("after", {"from": ctx.job.id}))
 
 
 @pytest.mark.parametrize("handler", [_coroutine_handler, _AsyncCallable()], ids=["def", "object"])
-def test_an_async_handler_is_refused_when_it_is_registered(queue: Queue, handler: object) -> None:
+def test_an_async_handler_is_awaited_on_an_event_loop(queue: Queue, handler: object) -> None:
+    """An ``async def`` (or an object whose ``__call__`` is one) registers and runs, and a
+    plain handler beside it still runs in a thread."""
     handlers = Handlers()
-    with pytest.raises(memtree.ConfigurationError, match=r"async def.*plain def"):
-        handlers.register("k")(handler)  # type: ignore[arg-type]
-    assert "k" not in handlers
-    with pytest.raises(memtree.ConfigurationError, match=r"async def.*asyncio\.run"):
-        Worker(queue, {"k": handler})  # type: ignore[dict-item]
+    handlers.register("k")(handler)
+    seen: list[str] = []
+    handlers.register("after")(lambda ctx: seen.append(threading.current_thread().name))
+    job_id = queue.enqueue(NewJob("k", {}))
+    assert Worker(queue, handlers, gates=()).run_until_idle() == 2
+    assert status_of(queue, job_id) is JobStatus.DONE
+    assert seen and seen[0].startswith("memtree-handler")
+    assert queue.count_by_status("done") == 2
+
+
+def test_a_handler_that_is_not_callable_is_refused(queue: Queue) -> None:
+    with pytest.raises(memtree.ConfigurationError, match="not callable"):
+        Handlers().register("k")(42)
+    with pytest.raises(memtree.ConfigurationError, match="not callable"):
+        Worker(queue, {"k": 42})  # type: ignore[dict-item]
 
 
 # -- settings validated when the worker is built ------------------------------------------

@@ -1,0 +1,498 @@
+"""The producer: the worker's loop, and the one owner of its claims.
+
+One thread runs it. Each turn it checks the SQLite file, extends the leases of running
+jobs (the heartbeat), tells running jobs that were asked to stop, runs upkeep on its
+intervals, and then, in one transaction, settles the completer's waiting batch and
+claims exactly as many jobs as it has free slots and gate permits. Claimed jobs go to
+the executor of their handler (threads for ``def``, the event loop for ``async def``);
+executors report back through :meth:`Producer.finished`. It never builds a statement:
+it calls store/settle functions inside :meth:`Queue.transaction`, where driver errors
+are translated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+
+from memtree import tracing, wakeup
+from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
+from memtree.redact import scrub
+from memtree.types import Job, JobKind, NewJob
+from memtree.worker.completer import Completer, Finished
+from memtree.worker.context import AsyncJobContext, Gate, JobContext
+from memtree.worker.dbfile import DatabaseFile
+from memtree.worker.faults import classify_error
+from memtree.worker.outcome import Chain, Run
+
+if TYPE_CHECKING:
+    from memtree.worker.aio import AsyncExecutor
+    from memtree.worker.executor import ThreadExecutor
+    from memtree.worker.worker import Worker
+
+__all__ = ["ClaimPlan", "Producer"]
+
+log = logging.getLogger("memtree.worker")
+
+#: Per claim group: its gate (None for the ungated kinds), its cap and its kinds.
+ClaimPlan = list[tuple[Gate | None, int, tuple[str, ...]]]
+
+
+class Producer:
+    """Claims, dispatches and watches the runs of one :class:`~memtree.worker.Worker`."""
+
+    def __init__(self, worker: Worker, completer: Completer) -> None:
+        self.worker = worker
+        self.queue = worker.queue
+        self.completer = completer
+        self.concurrency = worker.concurrency
+        self.lock_duration_ms = worker.lock_duration_ms
+        self.threads: ThreadExecutor | None = None
+        self.aio: AsyncExecutor | None = None
+        self._async_kinds = worker.async_kinds
+        self._gate_of: dict[str, Gate] = {}
+        for gate in worker.gates:
+            for kind in gate.kinds:
+                self._gate_of[kind] = gate
+        order = {kind: i for i, kind in enumerate(self.queue.claim_order)}
+        # Claim groups: one per gate (its handled kinds), then the ungated kinds.
+        groups: list[tuple[Gate | None, tuple[str, ...]]] = []
+        for gate in worker.gates:
+            kinds = tuple(k for k in gate.kinds if k in worker.handlers)
+            if kinds:
+                groups.append((gate, kinds))
+        ungated = tuple(k for k in worker.handlers if k not in self._gate_of)
+        if ungated:
+            groups.append((None, ungated))
+        groups.sort(key=lambda g: min(order.get(k, len(order)) for k in g[1]))
+        self._groups = groups
+
+        self._lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = completer._stopping
+        self._running: dict[str, Run] = {}
+        self._gate_busy: dict[str, int] = {gate.name: 0 for gate in worker.gates}
+        self._database_file = DatabaseFile.of(self.queue.engine)
+        self.database_lost: DatabaseFileChangedError | None = None
+        # A busy worker claims once this many slots are free (see _claim_plan).
+        self._claim_batch = max(1, self.concurrency // 4)
+        self._due: dict[str, float] = {}
+        self._next_heartbeat = 0.0
+        self._next_cancel_check = 0.0
+        self.listener: wakeup.Listener | None = None
+
+    # -- what executors call -----------------------------------------------------------
+
+    def new_run(self, job: Job, traced: bool) -> Run:
+        """The record of a claim this worker will run, with its handler's context."""
+        context: JobContext
+        if job.kind in self._async_kinds:
+            assert self.aio is not None
+            context = self.aio.context(job)
+        else:
+            context = JobContext(job, self.queue, self.worker.session_factory)
+        return Run(job, context, self._gate_of.get(job.kind), traced)
+
+    def claimed(self, job: Job, now_ms: int) -> None:
+        if self.worker.metrics is not None:
+            self.worker.metrics.on_claimed(job, now_ms)
+
+    def follower_kinds(self, run: Run, chain: Chain) -> tuple[str, ...]:
+        """The kinds a finishing thread may claim as its next job, in its own transaction:
+        the sync kinds of the ungated group and of each gate with a permit free (the
+        finishing job's own permit counts as free). A permit of every other such gate is
+        held for the moment of the claim (``chain.reserved``, given back by
+        :meth:`finished`), so the loop cannot hand it out twice."""
+        with self._lock:
+            if self.stopping.is_set():
+                return ()
+            kinds: list[str] = []
+            for gate, group in self._groups:
+                sync = [kind for kind in group if kind not in self._async_kinds]
+                if not sync:
+                    continue
+                if gate is not None and gate is not run.gate:
+                    if self._gate_busy[gate.name] >= gate.limit:
+                        continue
+                    self._gate_busy[gate.name] += 1
+                    chain.reserved.append(gate)
+                kinds.extend(sync)
+        return tuple(kinds)
+
+    def finished(self, run: Run, done: Finished | None, chain: Chain | None = None) -> None:
+        """A run ended: ``done`` waits for the batched settle, otherwise the executor
+        settled it. Frees its slot and gate permit and takes on the follower it claimed."""
+        follower = chain.follower if chain is not None else None
+        with self._lock:
+            self._running.pop(run.job.id, None)
+            if run.gate is not None:
+                self._gate_busy[run.gate.name] -= 1
+            for gate in chain.reserved if chain is not None else ():
+                self._gate_busy[gate.name] -= 1
+            if follower is not None:
+                self._running[follower.job.id] = follower
+                if follower.gate is not None:
+                    self._gate_busy[follower.gate.name] += 1
+            first = done is not None and self.completer.add(done)
+            # Wake the loop only when it has something to do: a gate permit or the
+            # claim threshold freed, the last job finished, the first completion to
+            # settle (it arms the flush timer), or a run settled without claiming its
+            # successor. Waking it for every job of a fast kind costs more than the jobs.
+            wake = (
+                (done is None and follower is None)
+                or (run.gate is not None and (follower is None or follower.gate is not run.gate))
+                or not self._running
+                or first
+                or self.concurrency - len(self._running) == self._claim_batch
+            )
+        if wake:
+            self.wake.set()
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        with self._lock:
+            return [run.job for run in self._running.values()]
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def start(self, *, listen: bool) -> None:
+        self.database_file_changed()  # records the file's identity the first time
+        wakeup.subscribe(self.queue.engine, self.wake)
+        if listen and self.queue.dialect.notifies and self.listener is None:
+            self.listener = wakeup.Listener(self.queue.engine, self._on_notify)
+            self.listener.start()
+
+    def _on_notify(self, kind: str) -> None:
+        if kind in self.worker.handlers:
+            self.wake.set()
+
+    def loop(self, *, until_idle: bool) -> None:
+        while not self.stopping.is_set():
+            self.wake.clear()
+            if self.database_file_changed():
+                return
+            self.heartbeat()
+            self._check_cancels()
+            if not until_idle:
+                self._maintain()
+            if self._exchange():
+                continue
+            with self._lock:
+                busy = bool(self._running) or bool(self.completer.pending)
+            flush_in = self.completer.flush_in()
+            timeout, due_now = self._idle_timeout()
+            if until_idle and not busy and not due_now:
+                return
+            if flush_in is not None:
+                timeout = max(min(timeout or flush_in, flush_in), 0.001)
+            self.wake.wait(self.worker.poll_interval_s if timeout is None else timeout)
+
+    def _claim_plan(self) -> tuple[int, ClaimPlan]:
+        """How many jobs to claim, and per claim group its gate, cap and kinds.
+
+        While handlers run, the worker waits until a quarter of its slots are free, so a
+        busy worker claims in batches instead of one job per statement; an idle one claims
+        at once, however few slots it has. A full gate has no cap left: its kinds are not
+        claimed, and nothing spins. A gate's cap is held (counted busy) until
+        :meth:`_release_plan`, so a handler thread claiming its successor meanwhile cannot
+        take the same permits.
+        """
+        with self._lock:
+            running = len(self._running)
+            free = self.concurrency - running
+            if free <= 0 or self.stopping.is_set() or (running and free < self._claim_batch):
+                return 0, []
+            plan: ClaimPlan = []
+            for gate, kinds in self._groups:
+                cap = free if gate is None else gate.limit - self._gate_busy[gate.name]
+                if cap > 0:
+                    plan.append((gate, cap, kinds))
+                    if gate is not None:
+                        self._gate_busy[gate.name] += cap
+        return free, plan
+
+    def _release_plan(self, plan: ClaimPlan) -> None:
+        """Give back the gate caps :meth:`_claim_plan` held (claimed jobs hold their own)."""
+        with self._lock:
+            for gate, cap, _ in plan:
+                if gate is not None:
+                    self._gate_busy[gate.name] -= cap
+
+    def _exchange(self) -> int:
+        """Settle finished jobs and claim new ones in one transaction; how many were claimed."""
+        limit, plan = self._claim_plan()
+        with self._lock:
+            now = bool(plan) or not self._running or self.stopping.is_set()
+        taken = self.completer.take(now=now, batch=self._claim_batch)
+        try:
+            return self._settle_and_claim(limit, plan, taken)
+        finally:
+            self._release_plan(plan)
+
+    def _settle_and_claim(self, limit: int, plan: ClaimPlan, taken: list[Finished]) -> int:
+        if not plan and not taken:
+            return 0
+        if self.database_file_changed():
+            self.completer.put_back(taken)  # never settled: not into a changed file
+            return 0
+        queue = self.queue
+        result = self.guarded(
+            lambda: queue.complete_and_claim(
+                [(item.job, item.followups) for item in taken],
+                [(cap, kinds) for _, cap, kinds in plan],
+                limit,
+                self.lock_duration_ms,
+            ),
+            "claim",
+        )
+        if result is None:
+            self.completer.put_back(taken)  # the transaction rolled back: next round
+            return 0
+        settled, batches = result
+        self.completer.record_batch(taken, settled)
+        claimed = 0
+        now_ms = queue.now_ms()
+        traced = tracing.enabled()
+        for jobs in batches:
+            for job in jobs:
+                self.claimed(job, now_ms)
+                self._dispatch(self.new_run(job, traced))
+                claimed += 1
+        return claimed
+
+    def _claimable_kinds(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(
+                kind
+                for gate, kinds in self._groups
+                if gate is None or self._gate_busy[gate.name] < gate.limit
+                for kind in kinds
+            )
+
+    def _idle_timeout(self) -> tuple[float | None, bool]:
+        """Seconds until something is due (a scheduled job, a heartbeat, maintenance), and
+        whether a job this worker could claim is due already."""
+        now = time.monotonic()
+        deadlines = [self._next_heartbeat] if self.running_jobs else []
+        deadlines.extend(self._due.values())
+        with self._lock:
+            free = self.concurrency - len(self._running)
+        if free > 0:
+            kinds = self._claimable_kinds()
+            due_ms = self.guarded(lambda: self.queue.next_due_ms(kinds), "poll") if kinds else None
+            if due_ms is not None:
+                wait = (due_ms - self.queue.now_ms()) / 1000
+                if wait <= 0:
+                    # Due but not claimed yet: a gate just freed, another worker holds the
+                    # row for a moment, or the database is busy. Look again shortly.
+                    return min(self.worker.poll_interval_s, 0.05), True
+                deadlines.append(now + wait)
+        if not deadlines:
+            return None, False
+        return max(min(min(deadlines) - now, self.worker.poll_interval_s), 0.001), False
+
+    def _dispatch(self, run: Run) -> None:
+        with self._lock:
+            self._running[run.job.id] = run
+            if run.gate is not None:
+                self._gate_busy[run.gate.name] += 1
+            if len(self._running) == 1:
+                self._next_heartbeat = time.monotonic() + self.worker.heartbeat_interval_ms / 1000
+        if isinstance(run.context, AsyncJobContext):
+            assert self.aio is not None
+            self.aio.submit(run)
+        else:
+            assert self.threads is not None
+            self.threads.submit(run)
+
+    # -- watching runs -----------------------------------------------------------------
+
+    def _check_cancels(self) -> None:
+        """Tell running handlers that were asked to stop (polled while jobs run)."""
+        now = time.monotonic()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + min(self.worker.poll_interval_s, 1.0)
+        with self._lock:
+            running = {job_id: run.context for job_id, run in self._running.items()}
+        if not running:
+            return
+        requested = self.guarded(lambda: self.queue.cancel_requested(list(running)), "cancel check")
+        for job_id in requested or ():
+            context = running[job_id]
+            if context._signal("cancel"):
+                context.log.info("job %s was asked to stop", job_id)
+
+    def heartbeat(self) -> None:
+        if time.monotonic() < self._next_heartbeat:
+            return
+        self._next_heartbeat = time.monotonic() + self.worker.heartbeat_interval_ms / 1000
+        with self._lock:
+            held = [run.job for run in self._running.values()]
+        if not held:
+            return
+        kept = self.guarded(
+            lambda: self.queue.extend_leases(held, self.lock_duration_ms), "heartbeat"
+        )
+        if kept is None:
+            return
+        for job in held:
+            if job.id not in kept:
+                with self._lock:
+                    run = self._running.get(job.id)
+                if run is not None and run.context._signal("lease_lost"):
+                    log.warning(
+                        "job %s lost its lease while running; this worker will not settle it",
+                        job.id,
+                        extra={"job_id": job.id, "kind": job.kind, "attempt": job.attempts},
+                    )
+
+    def database_file_changed(self) -> bool:
+        """True once the SQLite file was deleted or replaced under this worker; the first
+        to notice logs it and stops the worker (see :class:`DatabaseFile`)."""
+        if self.database_lost is not None:
+            return True
+        if self._database_file is None:
+            return False
+        change = self._database_file.change()
+        if change is None:
+            return False
+        error = DatabaseFileChangedError(self._database_file.path, change)
+        with self._lock:
+            first = self.database_lost is None
+            if first:
+                self.database_lost = error
+        if first:
+            log.error("%s", error)
+            self.stopping.set()
+            self.wake.set()
+        return True
+
+    # -- maintenance -------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        worker = self.worker
+        now = time.monotonic()
+        tasks: dict[str, Callable[[], object]] = {
+            "recover": self.queue.recover_stale_locks,
+            "self_heal": lambda: self.queue.requeue_transient_failed(worker.self_heal_limit),
+        }
+        if JobKind.FLUSH_STALE in worker.handlers:
+            tasks["flush_stale"] = lambda: self.queue.enqueue(
+                NewJob.flush_stale(self.queue.now_ms())
+            )
+        if worker.retention_ms is not None:
+            tasks["prune"] = self._prune
+        for name, task in tasks.items():
+            if now >= self._due.get(name, 0.0):
+                self._due[name] = now + worker.intervals[name]
+                result = self.guarded(task, name)
+                if isinstance(result, int) and result and name != "flush_stale":
+                    log.info("maintenance %s: %d jobs", name, result)
+                    if name == "recover" and worker.metrics is not None:
+                        worker.metrics.recovered.inc(result)
+
+    def _prune(self) -> int:
+        assert self.worker.retention_ms is not None
+        cutoff = self.queue.now_ms() - self.worker.retention_ms
+        total = 0
+        for _ in range(100):  # at most a million rows a pass; the next pass goes on
+            pruned = self.queue.prune("done", cutoff)
+            total += pruned
+            if pruned < 10_000:
+                break
+        return total
+
+    # -- errors ------------------------------------------------------------------------
+
+    def guarded(self, operation: Callable[[], Any], what: str) -> Any:
+        """Run a database operation of the loop; on failure, log, back off, return None."""
+        try:
+            return operation()
+        except (MemtreeError, sa_exc.SQLAlchemyError) as exc:
+            if isinstance(exc, MemtreeError) and not isinstance(exc, DatabaseError):
+                raise
+            label, backoff_s = classify_error(exc)
+            log.warning(
+                "memtree %s failed (%s); retrying in %.1fs: %s",
+                what,
+                label,
+                backoff_s,
+                scrub(str(exc)),
+            )
+            self.stopping.wait(backoff_s)
+            return None
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Settle every run waiting for a batch, in one transaction (retried a few times)."""
+        taken = self.completer.take(now=True, batch=1)
+        if not taken:
+            return
+        queue = self.queue
+        result = None
+        for _ in range(5):
+            try:
+                result, _ = queue.complete_and_claim(
+                    [(item.job, item.followups) for item in taken], (), 0
+                )
+                break
+            except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
+                label, backoff_s = classify_error(exc)
+                log.warning(
+                    "memtree settle failed (%s); retrying in %.1fs: %s",
+                    label,
+                    backoff_s,
+                    scrub(str(exc)),
+                )
+                time.sleep(backoff_s)
+        self.completer.record_batch(taken, result)
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stop claiming, let running handlers finish within ``grace_s``, settle what they
+        finished, and release the leases of those still running (only this worker's)."""
+        self.stopping.set()
+        deadline = time.monotonic() + grace_s
+        # A worker whose file changed does not wait: nothing it runs can be settled now.
+        while (
+            (self.running_jobs or self.completer.pending)
+            and time.monotonic() < deadline
+            and not self.database_file_changed()
+        ):
+            self.flush()
+            self.heartbeat()
+            self.wake.wait(0.05)
+            self.wake.clear()
+        if not self.database_file_changed():
+            self.flush()
+            if self.completer.pending:
+                log.error(
+                    "shutdown grace over: %d finished jobs were not settled (another session "
+                    "held their rows locked); they run again when their leases expire",
+                    self.completer.pending,
+                )
+        unfinished = self.running_jobs
+        if self.database_lost is not None:
+            # Their leases are in a file that is gone or replaced: nothing to release.
+            log.error(
+                "stopped; %d running jobs were left unsettled in the changed file",
+                len(unfinished),
+            )
+        elif unfinished:
+            released = self.guarded(lambda: self.queue.release_running_locks(unfinished), "release")
+            log.warning(
+                "shutdown grace over: released %s of %d running jobs", released, len(unfinished)
+            )
+        self.close()
+
+    def close(self) -> None:
+        wakeup.unsubscribe(self.queue.engine, self.wake)
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
