@@ -58,7 +58,9 @@ class execute(Step):
     statement: Any
 
     def sync(self, ctx: Any) -> Any:
-        return ctx.session.execute(self.statement)
+        # Buffered, as AsyncSession.execute's result is: an unread cursor would hold
+        # SQLite's read lock in a rollback journal.
+        return ctx.session.execute(self.statement).freeze()()
 
     async def aio(self, ctx: Any) -> Any:
         return await ctx.session.execute(self.statement)
@@ -120,6 +122,20 @@ class call(Step):
 
     async def aio(self, ctx: Any) -> Any:
         return await asyncio.to_thread(self.function)
+
+
+@dataclass
+class in_session(Step):
+    """Call ``function(session)`` with the handler's sync ``Session`` (under asyncio, the
+    one behind its ``AsyncSession``, in the same transaction)."""
+
+    function: Callable[[Any], Any]
+
+    def sync(self, ctx: Any) -> Any:
+        return self.function(ctx.session)
+
+    async def aio(self, ctx: Any) -> Any:
+        return await ctx.session.run_sync(self.function)
 
 
 def handler(executor: str, body: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -18,7 +18,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import memtree
 from memtree import ConfigurationError, JobStatus, NewJob, Queue, Worker
+from memtree.engine import _sqlite3_of
 from memtree.worker import JobContext
+from tests.flavors import Step, add, execute, flush, handler, in_session, sleep, wait
 
 
 class Base(DeclarativeBase):
@@ -152,11 +154,13 @@ def lock_rule_engine(request: pytest.FixtureRequest, db_url: str) -> Iterator[En
 
 @pytest.mark.parametrize("custom_factory", [False, True], ids=["default-session", "sessionmaker"])
 def test_a_handler_that_reads_then_waits_does_not_hold_the_write_lock(
-    lock_rule_engine: Engine, custom_factory: bool
+    lock_rule_engine: Engine, custom_factory: bool, executor: str
 ) -> None:
     """The README's pattern: read through ``ctx.session``, wait on an external call, then
     write. Meanwhile the application's own enqueue and domain write commit promptly; the
     handler's write still commits with the job's completion."""
+    if custom_factory and executor == "asyncio":
+        pytest.skip("session_factory builds sync handlers' sessions")
     engine = lock_rule_engine
     Base.metadata.create_all(engine)
     queue = Queue(engine)
@@ -164,14 +168,14 @@ def test_a_handler_that_reads_then_waits_does_not_hold_the_write_lock(
     queue.enqueue(NewJob("slow"))
     has_read, may_go_on = threading.Event(), threading.Event()
 
-    def slow(ctx: JobContext) -> None:
-        ctx.session.scalar(select(func.count()).select_from(Note))
+    def slow(ctx: JobContext) -> Iterator[Step]:
+        yield execute(select(func.count()).select_from(Note))
         has_read.set()
-        assert may_go_on.wait(60), "the test never let the handler go on"
-        ctx.session.add(Note(text=f"written by {ctx.job.id}"))
+        assert (yield wait(may_go_on, 60)), "the test never let the handler go on"
+        yield add(Note(text=f"written by {ctx.job.id}"))
 
     factory = sessionmaker(bind=engine, expire_on_commit=False) if custom_factory else None
-    worker = Worker(queue, {"slow": slow}, gates=(), session_factory=factory)
+    worker = Worker(queue, {"slow": handler(executor, slow)}, gates=(), session_factory=factory)
     runner = threading.Thread(target=worker.run_until_idle)
     runner.start()
     try:
@@ -193,7 +197,7 @@ def test_a_handler_that_reads_then_waits_does_not_hold_the_write_lock(
 
 
 def test_a_handler_session_holds_the_write_lock_from_its_first_write_to_the_commit(
-    engine: Engine, db_url: str
+    engine: Engine, db_url: str, executor: str
 ) -> None:
     """The rule's other half: once the handler wrote, its transaction is a writer's, so
     its reads after the write see its own write and the job completes with it."""
@@ -203,17 +207,19 @@ def test_a_handler_session_holds_the_write_lock_from_its_first_write_to_the_comm
     queue.enqueue(NewJob("write_then_read"))
     seen: list[int] = []
 
-    def handler(ctx: JobContext) -> None:
-        ctx.session.add(Note(text="mine"))
-        ctx.session.flush()
-        seen.append(ctx.session.scalar(select(func.count()).select_from(Note)) or 0)
+    def write_then_read(ctx: JobContext) -> Iterator[Step]:
+        yield add(Note(text="mine"))
+        yield flush()
+        seen.append((yield execute(select(func.count()).select_from(Note))).scalar() or 0)
         if db_url.startswith("sqlite"):
-            in_transaction = ctx.session.connection().exec_driver_sql("SELECT 1")
-            assert in_transaction.scalar() == 1
-            raw = ctx.session.connection().connection.dbapi_connection
-            assert raw is not None and raw.in_transaction  # type: ignore[attr-defined]
 
-    worker = Worker(queue, {"write_then_read": handler}, gates=())
+            def in_a_transaction(session: Session) -> bool:
+                raw = session.connection().connection.dbapi_connection
+                return bool(_sqlite3_of(raw).in_transaction)
+
+            assert (yield in_session(in_a_transaction))
+
+    worker = Worker(queue, {"write_then_read": handler(executor, write_then_read)}, gates=())
     assert worker.run_until_idle() == 1
     assert seen == [1]
     with engine.connect() as conn:
@@ -226,7 +232,9 @@ class Tally(Base):
     n: Mapped[int] = mapped_column(Integer)
 
 
-def test_handlers_that_read_for_update_then_write_lose_no_update(db_url: str) -> None:
+def test_handlers_that_read_for_update_then_write_lose_no_update(
+    db_url: str, executor: str
+) -> None:
     """Code written for PostgreSQL (lock the row FOR UPDATE, then change it) keeps its
     meaning on SQLite: there the FOR UPDATE read begins the write transaction."""
     engine = memtree.create_engine(db_url)
@@ -237,13 +245,13 @@ def test_handlers_that_read_for_update_then_write_lose_no_update(db_url: str) ->
     queue.migrate()
     queue.enqueue_many(NewJob("bump", {"n": n}) for n in range(40))
 
-    def bump(ctx: JobContext) -> None:
-        counter = ctx.session.scalars(select(Tally).with_for_update()).one()
+    def bump(ctx: JobContext) -> Iterator[Step]:
+        counter = (yield execute(select(Tally).with_for_update())).scalars().one()
         seen = counter.n
-        time.sleep(0.002)  # another handler's turn, if the read did not lock
+        yield sleep(0.002)  # another handler's turn, if the read did not lock
         counter.n = seen + 1
 
-    worker = Worker(queue, {"bump": bump}, gates=(), concurrency=4)
+    worker = Worker(queue, {"bump": handler(executor, bump)}, gates=(), concurrency=4)
     try:
         assert worker.run_until_idle() == 40
         with Session(engine) as session:

@@ -412,20 +412,20 @@ def test_heartbeat_notices_a_lost_lease_and_the_run_is_not_settled(
 # -- gates --------------------------------------------------------------------------------
 
 
-def test_gate_holds_its_limit_without_churning_the_table(app: Queue) -> None:
+def test_gate_holds_its_limit_without_churning_the_table(app: Queue, executor: str) -> None:
     active, peak = [0], [0]
     lock = threading.Lock()
     handlers = Handlers()
 
-    def gated(ctx: JobContext) -> None:
+    def gated(ctx: JobContext) -> Iterator[Step]:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
+        yield sleep(0.05)
         with lock:
             active[0] -= 1
 
-    handlers.register("llm_call")(gated)
+    handlers.register("llm_call")(handler(executor, gated))
     handlers.register("cheap")(lambda ctx: None)
     ids = app.enqueue_many([NewJob("llm_call", i) for i in range(6)] + [NewJob("cheap", 0)])
     worker = Worker(app, handlers, concurrency=4, gates=[Gate("llm", 1, ("llm_call",))])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,15 @@ from memtree.worker.completer import Finished, fields
 from memtree.worker.context import AsyncHandler, AsyncJobContext
 from memtree.worker.executor import outcome_of, span_attributes
 from memtree.worker.faults import classify_error
-from memtree.worker.outcome import Committed, Done, LeaseLost, Outcome, Run, Unsettled
+from memtree.worker.outcome import (
+    Committed,
+    Done,
+    LeaseLost,
+    Outcome,
+    Run,
+    Unsettled,
+    settles_in_the_database,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -60,7 +69,7 @@ class AsyncExecutor:
         self._owns_engine = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._tasks: dict[str, Future[None]] = {}
+        self._tasks: dict[str, tuple[Future[None], threading.Event]] = {}
         self._lock = threading.Lock()
 
     # -- the loop ----------------------------------------------------------------------
@@ -100,10 +109,7 @@ class AsyncExecutor:
         loop = self.loop
         if loop is None:
             return
-        with self._lock:
-            pending = list(self._tasks.values())
-        for future in pending:
-            future.cancel()
+        self.cancel_running(5.0)
         if self._owns_engine and self._engine is not None and not loop.is_closed():
             engine, self._engine = self._engine, None
             try:
@@ -125,26 +131,49 @@ class AsyncExecutor:
 
     def submit(self, run: Run) -> None:
         assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._serve(run), self.loop)
+        ended = threading.Event()
+        future = asyncio.run_coroutine_threadsafe(self._serve(run, ended), self.loop)
         with self._lock:
-            self._tasks[run.job.id] = future
+            self._tasks[run.job.id] = (future, ended)
         future.add_done_callback(lambda _: self._forget(run.job.id, future))
 
     def _forget(self, job_id: str, future: Future[None]) -> None:
         with self._lock:
-            if self._tasks.get(job_id) is future:
+            entry = self._tasks.get(job_id)
+            if entry is not None and entry[0] is future:
                 del self._tasks[job_id]
 
-    async def _serve(self, run: Run) -> None:
+    def cancel_running(self, wait_s: float) -> None:
+        """Cancel the runs still going (the grace is over) and wait up to ``wait_s`` for
+        them to roll back: on SQLite a run that wrote holds the write lock until then,
+        and the producer's release of their leases needs it."""
+        with self._lock:
+            entries = list(self._tasks.values())
+        for future, _ in entries:
+            future.cancel()
+        deadline = time.monotonic() + wait_s
+        for _, ended in entries:
+            ended.wait(max(deadline - time.monotonic(), 0))
+
+    async def _serve(self, run: Run, ended: threading.Event) -> None:
+        try:
+            await self._serve_run(run)
+        finally:
+            ended.set()
+
+    async def _serve_run(self, run: Run) -> None:
         finished: Finished | None = None
         try:
             outcome = await self.execute(run)
             if isinstance(outcome, Done):
                 finished = Finished(run.job, outcome.followups, run.duration_s())
-            else:
+            elif settles_in_the_database(outcome):
+                # A fenced settle may wait on a row lock: never on the loop.
                 await asyncio.to_thread(
                     self.producer.completer.complete, run, outcome, run.duration_s()
                 )
+            else:
+                self.producer.completer.complete(run, outcome, run.duration_s())
         except asyncio.CancelledError:
             # Shutdown after the grace: the producer released this lease already.
             await _close(run.context, commit=False)
@@ -174,6 +203,7 @@ class AsyncExecutor:
             await _close(ctx, commit=False)
             return Unsettled("the database file changed")
         if result is None:
+            run.settling = True
             committed = await self._commit(run, ctx)
             if not isinstance(committed, BaseException):
                 return Committed(committed)

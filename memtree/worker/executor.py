@@ -179,6 +179,7 @@ class ThreadExecutor:
             close_session(ctx, commit=False)
             return Unsettled("the database file changed")
         if result is None:
+            run.settling = True
             committed = self._commit(run, chain)
             if not isinstance(committed, BaseException):
                 return Committed(committed)

@@ -37,6 +37,7 @@ __all__ = [
     "Outcome",
     "Run",
     "Unsettled",
+    "settles_in_the_database",
 ]
 
 
@@ -84,6 +85,13 @@ class Unsettled:
 Outcome: TypeAlias = Done | Committed | Failed | Deferred | LeaseLost | Unsettled
 
 
+def settles_in_the_database(outcome: Outcome) -> bool:
+    """Whether the completer has a statement to run for ``outcome`` (else it only counts)."""
+    if isinstance(outcome, Committed):
+        return not outcome.settled
+    return isinstance(outcome, Failed | Deferred)
+
+
 @dataclass(slots=True)
 class Run:
     """A claim this worker holds, from dispatch to settle."""
@@ -93,6 +101,9 @@ class Run:
     gate: Gate | None
     traced: bool
     started: float = field(default_factory=time.monotonic)
+    #: Set once its completion is being committed: from then on the commit's fence, not
+    #: the heartbeat, says whether the claim still held.
+    settling: bool = False
 
     def duration_s(self) -> float:
         return time.monotonic() - self.started

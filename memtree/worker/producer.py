@@ -345,7 +345,9 @@ class Producer:
             if job.id not in kept:
                 with self._lock:
                     run = self._running.get(job.id)
-                if run is not None and run.context._signal("lease_lost"):
+                # A run committing its completion is fenced by that commit; its row may
+                # read done here already.
+                if run is not None and not run.settling and run.context._signal("lease_lost"):
                     log.warning(
                         "job %s lost its lease while running; this worker will not settle it",
                         job.id,
@@ -477,6 +479,8 @@ class Producer:
                     "held their rows locked); they run again when their leases expire",
                     self.completer.pending,
                 )
+        if self.aio is not None and self.running_jobs:
+            self.aio.cancel_running(5.0)  # their rollback frees SQLite's write lock
         unfinished = self.running_jobs
         if self.database_lost is not None:
             # Their leases are in a file that is gone or replaced: nothing to release.

@@ -19,6 +19,9 @@ once its row is flushed inside the job's transaction, and the outcome it returns
   process first ran them (not after they were created: on a loaded machine a job can
   wait longer than that for its first claim); so every job converges.
 
+``CHAOS_EXECUTOR=asyncio`` registers the same handlers as ``async def`` (their session
+is an ``AsyncSession``, their waits ``asyncio.sleep``); ``threads`` (the default) as ``def``.
+
 Kind ``hang`` (any mode) sleeps ``payload["hang_s"]`` seconds on the attempts listed in
 ``payload["hang_attempts"]`` before writing its row: longer than its lease, to test the
 heartbeat and frozen workers.
@@ -26,6 +29,7 @@ heartbeat and frozen workers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -35,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text, insert
 
-from memtree.worker import Defer, Handlers, JobContext
+from memtree.worker import AsyncJobContext, Defer, Handlers, JobContext
 
 metadata = MetaData()
 
@@ -51,6 +55,7 @@ effects = Table(
 )
 
 MODE = os.environ.get("CHAOS_MODE", "plain")
+EXECUTOR = os.environ.get("CHAOS_EXECUTOR", "threads")
 FAIL_PERCENT = 20
 DEFER_PERCENT = 10
 DEFER_WINDOW_MS = 1500
@@ -93,17 +98,25 @@ def record(event: str, ctx: JobContext, **extra: Any) -> None:
         os.write(_log_fd, data)
 
 
-def write_effect(ctx: JobContext, outcome: str) -> None:
-    ctx.session.execute(
-        insert(effects).values(
-            job_id=ctx.job.id,
-            lease_token=ctx.job.lease_token,
-            attempt=ctx.job.attempts,
-            pid=os.getpid(),
-            outcome=outcome,
-        )
+def effect(ctx: JobContext, outcome: str) -> Any:
+    return insert(effects).values(
+        job_id=ctx.job.id,
+        lease_token=ctx.job.lease_token,
+        attempt=ctx.job.attempts,
+        pid=os.getpid(),
+        outcome=outcome,
     )
+
+
+def write_effect(ctx: JobContext, outcome: str) -> None:
+    ctx.session.execute(effect(ctx, outcome))
     ctx.session.flush()
+    record("wrote", ctx, outcome=outcome)
+
+
+async def write_effect_async(ctx: AsyncJobContext, outcome: str) -> None:
+    await ctx.session.execute(effect(ctx, outcome))
+    await ctx.session.flush()
     record("wrote", ctx, outcome=outcome)
 
 
@@ -113,7 +126,6 @@ _first_run_ms: dict[str, int] = {}
 handlers = Handlers()
 
 
-@handlers.register("chaos")
 def chaos(ctx: JobContext) -> Defer | None:
     record("start", ctx)
     if MODE == "write-first":
@@ -121,25 +133,19 @@ def chaos(ctx: JobContext) -> Defer | None:
         time.sleep(work_ms(ctx.job.id) / 1000)
         return None
     time.sleep(work_ms(ctx.job.id) / 1000)  # before any write: no SQLite lock held meanwhile
-    share = bucket(ctx.job.id)
-    if MODE == "flaky" and share < FAIL_PERCENT and ctx.job.attempts == 1:
+    if _should_fail(ctx):
         write_effect(ctx, "failed")  # rolled back with the failure
         record("fail", ctx)
         raise RuntimeError(f"chaos: transient failure of {ctx.job.id} on its first attempt")
-    deadline = _first_run_ms.setdefault(ctx.job.id, ctx.now_ms()) + DEFER_WINDOW_MS
-    if (
-        MODE == "flaky"
-        and FAIL_PERCENT <= share < FAIL_PERCENT + DEFER_PERCENT
-        and ctx.now_ms() < deadline
-    ):
+    defer = _defer_for(ctx)
+    if defer is not None:
         write_effect(ctx, "deferred")  # rolled back with the deferral
         record("defer", ctx)
-        return Defer(delay_ms=100 + (share - FAIL_PERCENT) * 20, reason="chaos: not yet")
+        return defer
     write_effect(ctx, "done")
     return None
 
 
-@handlers.register("hang")
 def hang(ctx: JobContext) -> None:
     record("start", ctx)
     payload = ctx.payload
@@ -148,3 +154,53 @@ def hang(ctx: JobContext) -> None:
         record("woke", ctx)
     write_effect(ctx, "done")
     return None
+
+
+def _should_fail(ctx: JobContext) -> bool:
+    return MODE == "flaky" and bucket(ctx.job.id) < FAIL_PERCENT and ctx.job.attempts == 1
+
+
+def _defer_for(ctx: JobContext) -> Defer | None:
+    share = bucket(ctx.job.id)
+    deadline = _first_run_ms.setdefault(ctx.job.id, ctx.now_ms()) + DEFER_WINDOW_MS
+    in_window = MODE == "flaky" and FAIL_PERCENT <= share < FAIL_PERCENT + DEFER_PERCENT
+    if in_window and ctx.now_ms() < deadline:
+        return Defer(delay_ms=100 + (share - FAIL_PERCENT) * 20, reason="chaos: not yet")
+    return None
+
+
+async def chaos_async(ctx: AsyncJobContext) -> Defer | None:
+    record("start", ctx)
+    if MODE == "write-first":
+        await write_effect_async(ctx, "done")
+        await asyncio.sleep(work_ms(ctx.job.id) / 1000)
+        return None
+    await asyncio.sleep(work_ms(ctx.job.id) / 1000)
+    if _should_fail(ctx):
+        await write_effect_async(ctx, "failed")
+        record("fail", ctx)
+        raise RuntimeError(f"chaos: transient failure of {ctx.job.id} on its first attempt")
+    defer = _defer_for(ctx)
+    if defer is not None:
+        await write_effect_async(ctx, "deferred")
+        record("defer", ctx)
+        return defer
+    await write_effect_async(ctx, "done")
+    return None
+
+
+async def hang_async(ctx: AsyncJobContext) -> None:
+    record("start", ctx)
+    payload = ctx.payload
+    if ctx.job.attempts in payload.get("hang_attempts", [1]):
+        await asyncio.sleep(float(payload["hang_s"]))
+        record("woke", ctx)
+    await write_effect_async(ctx, "done")
+
+
+if EXECUTOR == "asyncio":
+    handlers.register("chaos")(chaos_async)
+    handlers.register("hang")(hang_async)
+else:
+    handlers.register("chaos")(chaos)
+    handlers.register("hang")(hang)

@@ -123,8 +123,10 @@ class WorkerPool:
         mode: str = "plain",
         concurrency: int = 4,
         lease: str = LEASE,
+        executor: str = "threads",
     ) -> None:
         self.url = url
+        self.executor = executor
         self.workdir = workdir
         self.size = size
         self.mode = mode
@@ -167,7 +169,10 @@ class WorkerPool:
         # libpq names the worker's PostgreSQL sessions after its slot's sequence number, so
         # that the monkey can see when the server has ended a killed worker's sessions.
         env.update(
-            CHAOS_LOG_DIR=str(self.workdir), CHAOS_MODE=self.mode, PGAPPNAME=session_name(seq)
+            CHAOS_LOG_DIR=str(self.workdir),
+            CHAOS_MODE=self.mode,
+            CHAOS_EXECUTOR=self.executor,
+            PGAPPNAME=session_name(seq),
         )
         log_path = self.workdir / f"worker-{seq}.log"
         with log_path.open("wb") as log:

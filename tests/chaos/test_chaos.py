@@ -85,12 +85,18 @@ def effects_of(engine: Engine, job_id: str) -> list[tuple[str, int]]:
 
 
 def run_sigkill_chaos(
-    db_url: str, app: Queue, tmp_path: Path, *, mode: str, scenario: str
+    db_url: str,
+    app: Queue,
+    tmp_path: Path,
+    *,
+    mode: str,
+    scenario: str,
+    executor: str = "threads",
 ) -> Figures:
     engine = app.engine
     figures = Figures(scenario, kind_of_database(db_url), jobs=JOBS)
     figures.extra["seed"] = run_seed = seed()
-    pool = WorkerPool(db_url, tmp_path / "chaos", mode=mode)
+    pool = WorkerPool(db_url, tmp_path / "chaos", mode=mode, executor=executor)
     monkey = Monkey(pool, engine, random.Random(run_seed))
     expediter = RetryExpediter(engine) if mode == "flaky" and not REAL_BACKOFF else None
     started = time.monotonic()
@@ -136,11 +142,14 @@ def run_sigkill_chaos(
 
 
 def test_sigkill_chaos_loses_nothing_and_commits_each_effect_once(
-    db_url: str, app: Queue, tmp_path: Path
+    db_url: str, app: Queue, tmp_path: Path, executor: str
 ) -> None:
     """(a) 3 workers, a random one SIGKILLed and restarted every 0.5-1.5 s while jobs
-    trickle in: every job done, each domain row exactly once, recovery bounded by the lease."""
-    figures = run_sigkill_chaos(db_url, app, tmp_path, mode="plain", scenario="sigkill")
+    trickle in: every job done, each domain row exactly once, recovery bounded by the lease.
+    Run with the handlers as ``def`` (threads) and as ``async def`` (the event loop)."""
+    figures = run_sigkill_chaos(
+        db_url, app, tmp_path, mode="plain", scenario=f"sigkill/{executor}", executor=executor
+    )
     assert figures.rolled_back_writes == 0
 
 
