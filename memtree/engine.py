@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import sqlalchemy
 from sqlalchemy import URL, Connection, Engine, RootTransaction, event, make_url
@@ -52,6 +52,7 @@ __all__ = [
     "SQLITE_JOURNAL_MODES",
     "async_engine_for",
     "async_handler_session",
+    "async_url",
     "begin_write",
     "configure_engine",
     "create_engine",
@@ -111,6 +112,18 @@ def normalize_url(url: str | URL) -> URL:
 #: UTF-8. A ``partial`` of ``str`` runs in C: a Python function here would run for every
 #: text value of every row read.
 _decode_text = functools.partial(str, encoding="utf-8", errors="replace")
+
+
+def async_url(url: str | URL) -> URL:
+    """The same database's URL with an async driver: aiosqlite for SQLite, psycopg 3's
+    async connection for PostgreSQL (``create_async_engine(memtree.async_url(url))``)."""
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    raise ConfigurationError(f"memtree knows no async driver for {backend}")
 
 
 def sqlite_file(url: str | URL) -> str | None:
@@ -358,12 +371,30 @@ def create_engine(
     return engine
 
 
+@overload
 def configure_engine(
     engine: Engine,
     *,
+    sqlite_journal_mode: str | None = ...,
+    sqlite_busy_timeout_ms: int = ...,
+) -> Engine: ...
+
+
+@overload
+def configure_engine(
+    engine: AsyncEngine,
+    *,
+    sqlite_journal_mode: str | None = ...,
+    sqlite_busy_timeout_ms: int = ...,
+) -> AsyncEngine: ...
+
+
+def configure_engine(
+    engine: Engine | AsyncEngine,
+    *,
     sqlite_journal_mode: str | None = SQLITE_JOURNAL_AUTO,
     sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
-) -> Engine:
+) -> Engine | AsyncEngine:
     """Set up an engine the application built itself for memtree; returns it.
 
     ``Queue(engine)`` calls this with the defaults on a SQLite engine that neither
@@ -374,14 +405,17 @@ def configure_engine(
     transactions still begin the way the application set them up: memtree begins its
     own with ``BEGIN IMMEDIATE`` itself. Nothing is changed
     on other databases. A second call, or a call on memtree's own engine, does nothing.
+    An ``AsyncEngine`` (aiosqlite) is set up the same way, through its ``sync_engine``:
+    call it on the async engine whose sessions enqueue on a SQLite file.
     """
-    if not isinstance(engine, Engine):
+    sync_engine = getattr(engine, "sync_engine", engine)
+    if not isinstance(sync_engine, Engine):
         raise ConfigurationError(f"configure_engine needs a SQLAlchemy Engine, not {engine!r}")
-    if engine.dialect.name != "sqlite" or engine.dialect in _SETUPS:
+    if sync_engine.dialect.name != "sqlite" or sync_engine.dialect in _SETUPS:
         return engine
     journal_mode = _journal_mode(sqlite_journal_mode)
     busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
-    _install(engine, _SQLiteSetup(journal_mode, None, busy_timeout_ms, False))
+    _install(sync_engine, _SQLiteSetup(journal_mode, None, busy_timeout_ms, False))
     return engine
 
 
@@ -467,17 +501,15 @@ def async_engine_for(engine: Engine) -> AsyncEngine:
         setup = _setup_of(engine) or _SQLiteSetup(
             SQLITE_JOURNAL_AUTO, None, SQLITE_BUSY_TIMEOUT_MS, False
         )
-        async_engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"))
+        async_engine = create_async_engine(async_url(url))
         handler_setup = _SQLiteSetup(
             setup.journal_mode, setup.synchronous, setup.busy_timeout_ms, False, lazy=True
         )
         _install(async_engine.sync_engine, handler_setup)
         return async_engine
-    if engine.dialect.name == "postgresql":
-        async_engine = create_async_engine(url.set(drivername="postgresql+psycopg"))
-        _ping_after_idle(async_engine.sync_engine)
-        return async_engine
-    raise ConfigurationError(f"no async driver for {engine.dialect.name}")
+    async_engine = create_async_engine(async_url(url))
+    _ping_after_idle(async_engine.sync_engine)
+    return async_engine
 
 
 def async_handler_session(engine: AsyncEngine) -> AsyncSession:

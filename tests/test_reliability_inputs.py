@@ -594,7 +594,7 @@ FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 ALLOWED = {
     (
         "memtree/engine.py",
-        'return cursor.execute(f"PRAGMA {name} = {value}").fetchone()',
+        'cursor.execute(f"PRAGMA {name} = {value}")',
     ): "_set_pragma checks the value is an int or one of the pragma's keywords (tested below)",
     (
         "memtree/wakeup.py",

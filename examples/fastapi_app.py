@@ -1,0 +1,124 @@
+"""memtree in a FastAPI application: enqueue in the request's AsyncSession, work in the lifespan.
+
+A signup request writes its row and enqueues the welcome email in one transaction (both
+commit, or neither does). The worker runs inside the application's own event loop, started
+and stopped by the lifespan; its ``async def`` handler writes the email to an outbox table
+through ``ctx.session``, an ``AsyncSession`` whose transaction is also the job's completion,
+so each signup gets exactly one outbox row even if a handler runs twice.
+
+Run it with::
+
+    pip install 'memtree[async]' fastapi uvicorn
+    uvicorn examples.fastapi_app:app
+
+    curl -X POST localhost:8000/signups -H 'content-type: application/json' \\
+         -d '{"email": "ada@example.com"}'
+
+``MEMTREE_DATABASE_URL`` picks the database (a SQLite file ``fastapi-example.db`` by
+default; ``postgresql://...`` works the same).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException
+from pydantic import BaseModel
+from sqlalchemy import ForeignKey, String, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import memtree
+from memtree import NewJob, Queue, Worker
+from memtree.worker import AsyncJobContext, Handlers
+
+DATABASE_URL = os.environ.get("MEMTREE_DATABASE_URL", "sqlite:///fastapi-example.db")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Signup(Base):
+    __tablename__ = "example_signups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    welcomed: Mapped[bool] = mapped_column(default=False)
+
+
+class OutboxEmail(Base):
+    """What a mail relay would send: one row per welcome, written by the job."""
+
+    __tablename__ = "example_outbox"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    signup_id: Mapped[int] = mapped_column(ForeignKey("example_signups.id"))
+    subject: Mapped[str] = mapped_column(String(200))
+
+
+# The application's own engine and sessions, built its way; memtree uses them as they are.
+engine = memtree.create_engine(DATABASE_URL)
+# On SQLite, memtree.configure_engine gives the app's async engine a busy timeout, so a
+# request waits for the worker's write instead of failing "database is locked".
+async_engine = memtree.configure_engine(create_async_engine(memtree.async_url(DATABASE_URL)))
+Sessions = async_sessionmaker(async_engine, expire_on_commit=False)
+
+handlers = Handlers()
+
+
+@handlers.register("send_welcome")
+async def send_welcome(ctx: AsyncJobContext) -> None:
+    signup = await ctx.session.get(Signup, ctx.payload["signup_id"])
+    if signup is None:  # the signup is gone: nothing to send
+        return
+    ctx.session.add(OutboxEmail(signup_id=signup.id, subject=f"Welcome, {signup.email}"))
+    signup.welcomed = True
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    queue = Queue(engine)
+    queue.migrate()  # in production: `memtree db upgrade` in CI
+    Base.metadata.create_all(engine)
+    async with Worker(queue, handlers, gates=(), concurrency=8):
+        yield
+    await async_engine.dispose()
+    engine.dispose()
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+async def session() -> AsyncIterator[AsyncSession]:
+    async with Sessions() as s:
+        yield s
+
+
+DbSession = Annotated[AsyncSession, Depends(session)]
+
+
+class SignupIn(BaseModel):
+    email: str
+
+
+@app.post("/signups", status_code=201)
+async def create_signup(body: SignupIn, db: DbSession) -> dict[str, object]:
+    signup = Signup(email=body.email)
+    db.add(signup)
+    await db.flush()  # the signup's id, for the job's payload
+    job_id = await memtree.enqueue_async(db, NewJob("send_welcome", {"signup_id": signup.id}))
+    await db.commit()  # the signup and its job, together
+    return {"id": signup.id, "job_id": job_id}
+
+
+@app.get("/signups/{signup_id}")
+async def read_signup(signup_id: int, db: DbSession) -> dict[str, object]:
+    signup = await db.get(Signup, signup_id)
+    if signup is None:
+        raise HTTPException(404)
+    emails = await db.scalar(
+        select(func.count()).select_from(OutboxEmail).where(OutboxEmail.signup_id == signup_id)
+    )
+    return {"id": signup.id, "welcomed": signup.welcomed, "emails": emails}
