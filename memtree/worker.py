@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import Connection, Engine
@@ -45,7 +45,6 @@ from memtree.redact import scrub
 from memtree.types import (
     DEFAULT_SELF_HEAL_LIMIT,
     Job,
-    JobKind,
     NewJob,
     SettledBatch,
     backoff_ms,
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
     from memtree.metrics import Metrics
 
 __all__ = [
-    "DEFAULT_GATES",
     "DEFAULT_MAX_INFRASTRUCTURE_RELEASES",
     "INFRASTRUCTURE_RETRY_BASE_MS",
     "INFRASTRUCTURE_RETRY_CAP_MS",
@@ -126,16 +124,6 @@ class Gate:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             raise ConfigurationError(f"gate {self.name!r} needs a limit >= 1, not {self.limit!r}")
         object.__setattr__(self, "kinds", tuple(self.kinds))
-
-
-#: The original's LLM gate: one LLM-bound job at a time per worker.
-DEFAULT_GATES: tuple[Gate, ...] = (
-    Gate(
-        "llm",
-        1,
-        (JobKind.EXTRACT_CHUNK, JobKind.SEAL, JobKind.REEMBED_BACKFILL, JobKind.SEAL_DOCUMENT),
-    ),
-)
 
 
 class JobContext:
@@ -487,7 +475,7 @@ class Worker:
     """Works a :class:`Queue` with ``handlers`` (kind → handler).
 
     - ``concurrency``: handler threads; the worker never holds more claims than this.
-    - ``gates``: concurrency limits shared by kinds (the LLM gate by default; ``()`` for none).
+    - ``gates``: concurrency limits shared by kinds (none by default).
     - ``lock_duration_ms``: the lease of a claim (the queue's by default), extended every
       ``heartbeat_interval_ms`` (a third of the lease by default) while a handler runs.
     - ``poll_interval_s``: how soon an idle worker notices work another process enqueued
@@ -497,6 +485,8 @@ class Worker:
       done rows), ``prune_interval_s``: maintenance.
     - ``self_heal_limit``: how many times self-heal revives one failed job (3 by default;
       0 turns self-heal off). A job failed after that many heals stays failed.
+    - ``upkeep``: the application's own periodic tasks, ``(name, interval_s, task)``; the
+      worker calls ``task(queue)`` every ``interval_s`` with its maintenance.
     - ``max_infrastructure_releases``: runs of one job in a row released without spending
       an attempt because the database could not be reached (:func:`is_infrastructure_error`);
       the next such run counts as a failure (10 by default; 0 counts every one).
@@ -509,7 +499,7 @@ class Worker:
         handlers: Mapping[str, Handler],
         *,
         concurrency: int = 4,
-        gates: Iterable[Gate] = DEFAULT_GATES,
+        gates: Iterable[Gate] = (),
         lock_duration_ms: int | None = None,
         heartbeat_interval_ms: int | None = None,
         poll_interval_s: float | None = None,
@@ -518,12 +508,12 @@ class Worker:
         self_heal_interval_s: float = 600.0,
         self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
         max_infrastructure_releases: int = DEFAULT_MAX_INFRASTRUCTURE_RELEASES,
-        flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
         prune_interval_s: float = 600.0,
         session_factory: Callable[[], Session] | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
+        upkeep: Iterable[tuple[str, float, Callable[[Queue], object]]] = (),
     ) -> None:
         if not isinstance(queue, Queue):
             raise ConfigurationError("Worker needs a memtree.Queue")
@@ -531,7 +521,7 @@ class Worker:
             raise ConfigurationError("Worker needs a non-empty mapping of kind -> handler")
         for kind, handler in handlers.items():
             try:
-                check_kind(kind)
+                check_kind(kind, queue.retired_kinds)
             except ValueError as exc:
                 raise ConfigurationError(f"handler kind: {exc}") from None
             _check_handler(kind, handler)
@@ -581,9 +571,14 @@ class Worker:
             if recover_interval_s is None
             else seconds("recover_interval_s", recover_interval_s),
             "self_heal": seconds("self_heal_interval_s", self_heal_interval_s),
-            "flush_stale": seconds("flush_stale_interval_s", flush_stale_interval_s),
             "prune": seconds("prune_interval_s", prune_interval_s),
         }
+        self.upkeep: dict[str, Callable[[Queue], object]] = {}
+        for task_name, interval_s, task in upkeep:
+            if task_name in self.intervals or not callable(task):
+                raise ConfigurationError(f"upkeep {task_name!r} needs its own name and a callable")
+            self.intervals[task_name] = seconds(f"upkeep {task_name!r} interval", interval_s)
+            self.upkeep[task_name] = task
         self.retention_ms = (
             None if retention_ms is None else positive_int("retention_ms", retention_ms)
         )
@@ -1214,17 +1209,15 @@ class Worker:
             "recover": self.queue.recover_stale_locks,
             "self_heal": lambda: self.queue.requeue_transient_failed(self.self_heal_limit),
         }
-        if JobKind.FLUSH_STALE in self.handlers:
-            tasks["flush_stale"] = lambda: self.queue.enqueue(
-                NewJob.flush_stale(self.queue.now_ms())
-            )
+        for task_name, upkeep_task in self.upkeep.items():
+            tasks[task_name] = partial(upkeep_task, self.queue)
         if self.retention_ms is not None:
             tasks["prune"] = self._prune
         for name, task in tasks.items():
             if now >= self._due.get(name, 0.0):
                 self._due[name] = now + self.intervals[name]
                 result = self._guarded(task, name)
-                if isinstance(result, int) and result and name != "flush_stale":
+                if isinstance(result, int) and result:
                     log.info("maintenance %s: %d jobs", name, result)
                     if name == "recover" and self.metrics is not None:
                         self.metrics.recovered.inc(result)

@@ -74,6 +74,6 @@ def test_every_name_the_docs_use_exists_and_the_root_exports_it() -> None:
 def test_the_worker_api_is_importable_from_the_package_root() -> None:
     from memtree import worker
 
-    for name in ("Worker", "Defer", "Handlers", "JobContext", "Gate", "DEFAULT_GATES"):
+    for name in ("Worker", "Defer", "Handlers", "JobContext", "Gate"):
         assert getattr(memtree, name) is getattr(worker, name)
         assert name in memtree.__all__

@@ -50,6 +50,7 @@ from memtree import (
     migration,
 )
 from memtree.models import jobs
+from memtree.tree import jobs as tree_jobs
 from tests.conftest import START_MS, FakeClock
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -555,7 +556,7 @@ def test_migrate_adopts_the_original_table_and_keeps_every_row(
     assert job.lease_token is not None
     assert queue.claim_next() is None  # the running row's lease has not expired
     # The adopted ready row still holds its dedupe key while it runs.
-    assert queue.enqueue(NewJob.extract_chunk("c1")) is None
+    assert queue.enqueue(tree_jobs.extract_chunk("c1")) is None
     assert queue.mark_done(job)
     assert queue.count_by_status(JobStatus.DONE) == 2
     assert queue.count_total() == len(original_db)
