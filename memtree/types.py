@@ -1,8 +1,9 @@
-"""The values memtree passes around: statuses, kinds, failures, jobs to enqueue and claimed jobs.
+"""The values memtree passes around: statuses, failures, jobs to enqueue and claimed jobs.
 
-Nothing here touches a database. Wire strings (statuses, kinds, failure classes) are
+Nothing here touches a database. Wire strings (statuses, failure classes) are
 ``StrEnum`` members so they compare equal to the strings stored in ``mem_tree_jobs``,
-the table memtree shares with the original Rust crate.
+the table memtree shares with the original Rust crate. Kinds are any non-empty string;
+no kind is special here (the memory tree's live in :mod:`memtree.tree.kinds`).
 """
 
 from __future__ import annotations

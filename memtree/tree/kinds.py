@@ -23,7 +23,11 @@ class JobKind(StrEnum):
 
 
 #: Kinds claimed before all others, in this order (the original's drain-forward order).
-CLAIM_ORDER: tuple[str, ...] = (JobKind.SEAL, JobKind.FLUSH_STALE, JobKind.APPEND_BUFFER)
+CLAIM_ORDER: tuple[str, ...] = (
+    JobKind.SEAL.value,
+    JobKind.FLUSH_STALE.value,
+    JobKind.APPEND_BUFFER.value,
+)
 #: Kinds of the original's removed global/topic trees: a tree queue never claims nor
 #: enqueues them, and its workers purge rows of them at start (the crate does the same).
 RETIRED_KINDS: tuple[str, ...] = ("topic_route", "digest_daily")
