@@ -166,7 +166,9 @@ def floor_drain(path: Path) -> int:
 def memtree_statements_drain(path: Path) -> int:
     """memtree's claim and batched settle, exactly as SQLAlchemy compiles them, on sqlite3."""
     engine = engine_for(path)
-    claim_compiled = store._claim_statement("sqlite", (), (KIND,)).compile(dialect=engine.dialect)
+    claim_compiled = store._claim_statement("sqlite", (), (), (KIND,)).compile(
+        dialect=engine.dialect
+    )
     settle_compiled = settle._held_statements("sqlite")["done"].compile(dialect=engine.dialect)
     engine.dispose()
     claim_sql, claim_order = str(claim_compiled), tuple(claim_compiled.positiontup or ())

@@ -12,8 +12,10 @@ from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import memtree
-from memtree import JobFailure, JobStatus, NewJob, Queue
-from memtree.payloads import Leaf, SourceTarget
+import memtree.tree
+from memtree import JobFailure, JobStatus
+from memtree.tree import jobs
+from memtree.tree.payloads import Leaf, SourceTarget
 
 
 class Base(DeclarativeBase):
@@ -31,7 +33,7 @@ class Chunk(Base):
 
 def main(path: str) -> None:
     engine = memtree.create_engine(f"sqlite:///{path}")
-    queue = Queue(engine)
+    queue = memtree.tree.queue(engine)  # the memory tree's claim order and retired kinds
     queue.migrate()  # what `memtree db upgrade` does
     Base.metadata.create_all(engine)
 
@@ -41,7 +43,7 @@ def main(path: str) -> None:
             chunk_id = f"chunk-{zlib.crc32(text.encode()) % 10_000}"
             if session.get(Chunk, chunk_id) is None:
                 session.add(Chunk(id=chunk_id, text=text))
-            job_id = memtree.enqueue(session, NewJob.extract_chunk(chunk_id))
+            job_id = memtree.enqueue(session, jobs.extract_chunk(chunk_id))
             print(f"enqueue #{n} extract_chunk({chunk_id!r}) -> {job_id or 'deduped'}")
 
     # 2. A worker claims a batch under a lease and settles each job.
@@ -54,7 +56,7 @@ def main(path: str) -> None:
         # The handler's write, its follow-up and the completion commit together.
         with Session(engine) as session, session.begin():
             session.get_one(Chunk, chunk_id).extracted = True
-            followup = NewJob.append_buffer(Leaf(chunk_id), SourceTarget("quickstart"))
+            followup = jobs.append_buffer(Leaf(chunk_id), SourceTarget("quickstart"))
             settled = memtree.mark_done(session, job, [followup])
         print(f"settled {job.kind} {job.id}: {'done' if settled else 'lease lost'}")
 

@@ -21,35 +21,28 @@ from memtree.errors import (
 from memtree.models import MemTreeJob
 from memtree.queue import Queue, enqueue, enqueue_async, enqueue_many, mark_done, wall_clock_ms
 from memtree.types import (
-    DEFAULT_CLAIM_ORDER,
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
     DEFAULT_SELF_HEAL_LIMIT,
-    RETIRED_JOB_KINDS,
     RETRY_BASE_MS,
     RETRY_CAP_MS,
     CancelOutcome,
     FailureClass,
     Job,
     JobFailure,
-    JobKind,
     JobStatus,
     NewJob,
     SettledBatch,
     backoff_ms,
-    is_retired_kind,
 )
-from memtree.worker import DEFAULT_GATES, Defer, Gate, Handlers, JobContext, Worker
+from memtree.worker import Defer, Gate, Handlers, JobContext, Worker
 
 __all__ = [
-    "DEFAULT_CLAIM_ORDER",
-    "DEFAULT_GATES",
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
     "DEFAULT_SELF_HEAL_LIMIT",
-    "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
     "CancelOutcome",
@@ -65,7 +58,6 @@ __all__ = [
     "Job",
     "JobContext",
     "JobFailure",
-    "JobKind",
     "JobStatus",
     "MemTreeJob",
     "MemtreeError",
@@ -85,7 +77,6 @@ __all__ = [
     "enqueue",
     "enqueue_async",
     "enqueue_many",
-    "is_retired_kind",
     "mark_done",
     "wall_clock_ms",
 ]

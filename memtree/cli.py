@@ -335,7 +335,7 @@ def _serve_metrics(queue: Queue, port: int, addr: str) -> Any:
     show_default=True,
     help="Keep done rows this long.",
 )
-@click.option("--no-gates", is_flag=True, help="Run without the default LLM gate.")
+@click.option("--no-gates", is_flag=True, help="Run without the memory tree's llm gate.")
 @click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
@@ -364,11 +364,16 @@ def worker(
     metrics_addr: str,
     log_level: str,
 ) -> None:
-    """Run a worker for the handlers in --app until SIGINT/SIGTERM."""
+    """Run a worker for the handlers in --app until SIGINT/SIGTERM.
+
+    The worker is the memory tree's (memtree.tree.worker on memtree.tree.queue): the
+    tree's claim order and retired kinds, its llm gate unless --no-gates, and the
+    flush_stale upkeep when --app handles flush_stale.
+    """
     import logging
 
+    import memtree.tree
     from memtree.types import DEFAULT_LOCK_DURATION_MS
-    from memtree.worker import DEFAULT_GATES, Worker
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -376,15 +381,17 @@ def worker(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     handlers = load_handlers(app)
     engine = obj.existing_engine()
-    queue = Queue(engine, lock_duration_ms=DEFAULT_LOCK_DURATION_MS if lease is None else lease)
+    queue = memtree.tree.queue(
+        engine, lock_duration_ms=DEFAULT_LOCK_DURATION_MS if lease is None else lease
+    )
     try:
         with queue.transaction():
             pass  # fail now, clearly, on a missing or outdated schema
-        runner = Worker(
+        runner = memtree.tree.worker(
             queue,
             handlers,
             concurrency=concurrency,
-            gates=() if no_gates else DEFAULT_GATES,
+            gates=() if no_gates else memtree.tree.GATES,
             poll_interval_s=poll_interval,
             shutdown_grace_s=shutdown_grace,
             retention_ms=retention,
@@ -426,7 +433,7 @@ def demo(ctx: click.Context, db_path: str | None, corpus: str | None) -> None:
     """
     from click.core import ParameterSource
 
-    from memtree.demo import DEFAULT_DB, run_demo
+    from memtree.tree.demo import DEFAULT_DB, run_demo
 
     database_url = None
     group = ctx.parent
@@ -447,9 +454,13 @@ def demo(ctx: click.Context, db_path: str | None, corpus: str | None) -> None:
 
 @contextmanager
 def _open_queue(obj: Context) -> Iterator[Queue]:
+    """A tree queue: ``mem_tree_jobs`` is the table the original crate shares, so the
+    operations know its retired kinds (refused, counted, purged)."""
+    import memtree.tree
+
     engine = obj.existing_engine()
     try:
-        yield Queue(engine)
+        yield memtree.tree.queue(engine)
     finally:
         engine.dispose()
 

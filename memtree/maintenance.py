@@ -1,20 +1,16 @@
 """Periodic upkeep the worker runs on its own intervals, exposed as plain functions.
 
-Each is safe to run in every worker process at once: the ``flush_stale`` enqueue is
-deduped per 3-hour UTC block, and the requeue skips any key that is active again.
+Each is safe to run in every worker process at once: the requeue skips any key that is
+active again. (The memory tree's ``flush_stale`` enqueue is
+:func:`memtree.tree.enqueue_flush_stale`.)
 """
 
 from __future__ import annotations
 
 from memtree.queue import Queue
-from memtree.types import DEFAULT_SELF_HEAL_LIMIT, NewJob
+from memtree.types import DEFAULT_SELF_HEAL_LIMIT
 
-__all__ = ["enqueue_flush_stale", "self_heal"]
-
-
-def enqueue_flush_stale(queue: Queue, max_age_secs: int | None = None) -> str | None:
-    """Enqueue the ``flush_stale`` job of the current 3-hour UTC block; None if it exists."""
-    return queue.enqueue(NewJob.flush_stale(queue.now_ms(), max_age_secs))
+__all__ = ["self_heal"]
 
 
 def self_heal(queue: Queue, limit: int = DEFAULT_SELF_HEAL_LIMIT) -> int:

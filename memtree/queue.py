@@ -31,7 +31,6 @@ from memtree.errors import (
 )
 from memtree.store import Executor
 from memtree.types import (
-    DEFAULT_CLAIM_ORDER,
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_DEFER_AGE_MS,
@@ -45,6 +44,7 @@ from memtree.types import (
     NewJob,
     SettledBatch,
     check_kind,
+    check_kinds,
 )
 
 if TYPE_CHECKING:
@@ -93,7 +93,10 @@ class Queue:
     - ``lock_duration_ms``: the lease of a claim unless the claim names its own.
     - ``retry_base_ms`` / ``retry_cap_ms``: exponential retry backoff.
     - ``max_defer_age_ms``: a job deferred past this age since creation fails.
-    - ``claim_order``: kinds claimed before all others, in order.
+    - ``claim_order``: kinds claimed before all others, in order (none by default).
+    - ``retired_kinds``: kinds this queue never claims nor enqueues; rows of them that
+      another program wrote are counted and purged (:meth:`purge_retired_jobs`). None by
+      default; :func:`memtree.tree.queue` retires the original crate's removed kinds.
     - ``max_attempts``: attempts of a job whose ``NewJob`` does not say.
     - ``verify_schema``: check the schema revision before the first operation.
     """
@@ -107,7 +110,8 @@ class Queue:
         retry_base_ms: int = RETRY_BASE_MS,
         retry_cap_ms: int = RETRY_CAP_MS,
         max_defer_age_ms: int = DEFAULT_MAX_DEFER_AGE_MS,
-        claim_order: Sequence[str] = DEFAULT_CLAIM_ORDER,
+        claim_order: Sequence[str] = (),
+        retired_kinds: Sequence[str] = (),
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         verify_schema: bool = True,
     ) -> None:
@@ -120,14 +124,8 @@ class Queue:
             raise ConfigurationError("retry_cap_ms must be at least retry_base_ms")
         self.max_defer_age_ms = positive_int("max_defer_age_ms", max_defer_age_ms)
         self.max_attempts = positive_int("max_attempts", max_attempts)
-        if isinstance(claim_order, str):
-            raise ConfigurationError("claim_order must be a sequence of kinds, not one string")
-        try:
-            self.claim_order = tuple(check_kind(kind) for kind in claim_order)
-        except ValueError as exc:
-            raise ConfigurationError(f"claim_order: {exc}") from None
-        if len(set(self.claim_order)) != len(self.claim_order):
-            raise ConfigurationError("claim_order names a kind twice")
+        self.retired_kinds = check_kinds("retired_kinds", retired_kinds)
+        self.claim_order = check_kinds("claim_order", claim_order, self.retired_kinds)
         self._clock: Clock = clock or wall_clock_ms
         if isinstance(bind, Engine):
             # The application's own engine gets what memtree needs on SQLite (a busy
@@ -204,8 +202,15 @@ class Queue:
 
     # -- enqueue -----------------------------------------------------------------------
 
+    def _refuse_retired(self, jobs: Iterable[NewJob]) -> None:
+        if self.retired_kinds:
+            for job in jobs:
+                if isinstance(job, NewJob):
+                    check_kind(job.kind, self.retired_kinds)
+
     def enqueue(self, job: NewJob) -> str | None:
         """Insert one job; its id, or None when its dedupe key is active."""
+        self._refuse_retired((job,))
         with (
             tracing.span("memtree.enqueue", {"memtree.kind": str(getattr(job, "kind", ""))}),
             self.transaction() as conn,
@@ -220,6 +225,7 @@ class Queue:
     def enqueue_many(self, jobs: Iterable[NewJob]) -> list[str | None]:
         """Insert many jobs in one transaction; None where dedupe suppressed one."""
         batch = list(jobs)
+        self._refuse_retired(batch)
         with (
             tracing.span("memtree.enqueue_many", {"memtree.count": len(batch)}),
             self.transaction() as conn,
@@ -258,6 +264,7 @@ class Queue:
                 limit=limit,
                 lock_duration_ms=lease,
                 claim_order=self.claim_order,
+                retired_kinds=self.retired_kinds,
                 kinds=wanted,
             )
 
@@ -317,6 +324,7 @@ class Queue:
                         limit=wanted,
                         lock_duration_ms=lease,
                         claim_order=self.claim_order,
+                        retired_kinds=self.retired_kinds,
                         kinds=kinds,
                     )
                     if wanted > 0
@@ -428,9 +436,9 @@ class Queue:
         return requeued
 
     def count_retired(self) -> int:
-        """Rows of retired kinds still in the table (purged by workers at start)."""
+        """Rows of this queue's retired kinds still in the table (purged by workers at start)."""
         with self.transaction() as conn:
-            return store.count_retired(conn)
+            return store.count_retired(conn, self.retired_kinds)
 
     def requeue_transient_failed(
         self, self_heal_limit: int | None = DEFAULT_SELF_HEAL_LIMIT
@@ -448,7 +456,7 @@ class Queue:
     def next_due_ms(self, kinds: Iterable[str] | None = None) -> int | None:
         """When the earliest ready job (of ``kinds``) is due; None when nothing is ready."""
         with self.transaction() as conn:
-            return store.next_due_ms(conn, _kinds(kinds))
+            return store.next_due_ms(conn, _kinds(kinds), self.retired_kinds)
 
     def prune(self, status: JobStatus | str, completed_before_ms: int, limit: int = 10_000) -> int:
         """Delete up to ``limit`` terminal rows of ``status`` completed before the cutoff."""
@@ -461,8 +469,9 @@ class Queue:
             )
 
     def purge_retired_jobs(self) -> int:
+        """Delete rows of this queue's retired kinds; how many."""
         with self.transaction() as conn:
-            return store.purge_retired_jobs(conn)
+            return store.purge_retired_jobs(conn, self.retired_kinds)
 
     # -- reads -------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    true,
     union_all,
     update,
 )
@@ -64,7 +65,6 @@ from memtree.models import TABLE_NAME, MemTreeJob, jobs
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
-    RETIRED_JOB_KINDS,
     FailureClass,
     Job,
     JobStatus,
@@ -286,9 +286,13 @@ def _branch(kind_filter: ColumnElement[bool], priority: int, lock: bool) -> Sele
 
 @lru_cache(maxsize=256)
 def _claim_statement(
-    dialect_name: str, claim_order: tuple[str, ...], kinds: tuple[str, ...] | None
+    dialect_name: str,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...],
+    kinds: tuple[str, ...] | None,
 ) -> Update:
-    """The claim for one (database, claim order, kinds) combination, built once."""
+    """The claim for one (database, claim order, retired kinds, kinds) combination, built
+    once. Kinds are rendered into the statement, so each combination is its own entry."""
     dialect = dialect_for(dialect_name)
     lock = dialect.skip_locked
     rest = len(claim_order)
@@ -296,8 +300,9 @@ def _claim_statement(
     if kinds is None:
         for priority, kind in enumerate(claim_order):
             branches.append(_branch(jobs.c.kind == kind, priority, lock))
-        excluded = (*claim_order, *RETIRED_JOB_KINDS)
-        branches.append(_branch(jobs.c.kind.not_in(excluded), rest, lock))
+        excluded = (*claim_order, *retired_kinds)
+        others = jobs.c.kind.not_in(excluded) if excluded else true()
+        branches.append(_branch(others, rest, lock))
     else:
         # One branch per kind, so each walks the claim index in due order.
         for priority, kind in enumerate(claim_order):
@@ -337,19 +342,20 @@ def claim(
     limit: int,
     lock_duration_ms: int,
     claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...] = (),
     kinds: tuple[str, ...] | None = None,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs, in claim order then due time.
 
-    ``kinds`` restricts the claim to those kinds (retired kinds are never claimed).
+    ``kinds`` restricts the claim to those kinds; ``retired_kinds`` are never claimed.
     """
     if kinds is not None:
-        kinds = tuple(sorted({k for k in kinds if k not in RETIRED_JOB_KINDS}))
+        kinds = tuple(sorted({k for k in kinds if k not in retired_kinds}))
         if not kinds:
             return []
     if limit < 1:
         return []
-    statement = _claim_statement(dialect_of(executor).name, claim_order, kinds)
+    statement = _claim_statement(dialect_of(executor).name, claim_order, retired_kinds, kinds)
     token = uuid.uuid4().hex
     params = {
         "now": now_ms,
@@ -423,14 +429,17 @@ def saturating(value: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
+def _next_due_statement(
+    kinds: tuple[str, ...] | None, retired_kinds: tuple[str, ...]
+) -> Select[Any]:
     if kinds is None:
         earliest = (
             select(func.min(jobs.c.available_at_ms))
             .where(jobs.c.status == READY)
             .where(jobs.c.available_at_ms.between(_MIN_MS, _MAX_MS))
-            .where(jobs.c.kind.not_in(RETIRED_JOB_KINDS))
         )
+        if retired_kinds:
+            earliest = earliest.where(jobs.c.kind.not_in(retired_kinds))
         return earliest
     # One MIN per kind: each is the first entry of that kind in the claim index.
     per_kind = union_all(
@@ -445,16 +454,21 @@ def _next_due_statement(kinds: tuple[str, ...] | None) -> Select[Any]:
     return select(func.min(per_kind.c.due))
 
 
-def next_due_ms(executor: Executor, kinds: tuple[str, ...] | None = None) -> int | None:
+def next_due_ms(
+    executor: Executor,
+    kinds: tuple[str, ...] | None = None,
+    retired_kinds: tuple[str, ...] = (),
+) -> int | None:
     """When the earliest ready job of ``kinds`` is due (maybe in the past); None if none is
     ready. A read: idle workers poll with it instead of attempting a claim, which writes.
     Only numbers are due times: a row whose ``available_at_ms`` is text (SQLite) is never
     due, and a fractional one is claimed and failed as unreadable."""
     if kinds is not None:
-        kinds = tuple(sorted({k for k in kinds if k not in RETIRED_JOB_KINDS}))
+        kinds = tuple(sorted({k for k in kinds if k not in retired_kinds}))
         if not kinds:
             return None
-    due = executor.execute(_next_due_statement(kinds)).scalar()
+        retired_kinds = ()  # the kinds named are already none of them
+    due = executor.execute(_next_due_statement(kinds, retired_kinds)).scalar()
     return None if due is None else int(due)
 
 
@@ -673,8 +687,11 @@ def count_unreadable(executor: Executor) -> int:
     return int(executor.execute(_unreadable_statement(dialect_of(executor).name)).scalar_one())
 
 
-def count_retired(executor: Executor) -> int:
-    statement = select(func.count()).select_from(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS))
+def count_retired(executor: Executor, retired_kinds: tuple[str, ...]) -> int:
+    """Rows of ``retired_kinds``."""
+    if not retired_kinds:
+        return 0
+    statement = select(func.count()).select_from(jobs).where(jobs.c.kind.in_(retired_kinds))
     return int(executor.execute(statement).scalar_one())
 
 
@@ -682,9 +699,11 @@ def count_total(executor: Executor) -> int:
     return int(executor.execute(select(func.count()).select_from(jobs)).scalar_one())
 
 
-def purge_retired_jobs(executor: Executor) -> int:
-    """Delete rows of retired kinds; the original's one-shot cleanup at worker start."""
-    return rowcount(executor.execute(delete(jobs).where(jobs.c.kind.in_(RETIRED_JOB_KINDS))))
+def purge_retired_jobs(executor: Executor, retired_kinds: tuple[str, ...]) -> int:
+    """Delete rows of ``retired_kinds``; the original's one-shot cleanup at worker start."""
+    if not retired_kinds:
+        return 0
+    return rowcount(executor.execute(delete(jobs).where(jobs.c.kind.in_(retired_kinds))))
 
 
 def rowcount(result: Result[Any]) -> int:

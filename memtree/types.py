@@ -1,26 +1,24 @@
-"""The values memtree passes around: statuses, kinds, failures, jobs to enqueue and claimed jobs.
+"""The values memtree passes around: statuses, failures, jobs to enqueue and claimed jobs.
 
-Nothing here touches a database. Wire strings (statuses, kinds, failure classes) are
+Nothing here touches a database. Wire strings (statuses, failure classes) are
 ``StrEnum`` members so they compare equal to the strings stored in ``mem_tree_jobs``,
-the table memtree shares with the original Rust crate.
+the table memtree shares with the original Rust crate. Kinds are any non-empty string;
+no kind is special here (the memory tree's live in :mod:`memtree.tree.kinds`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import accumulate, repeat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from memtree.errors import InvalidJobError
-
-if TYPE_CHECKING:
-    from memtree.payloads import AppendTarget, NodeRef, Payload
+from memtree.errors import ConfigurationError, InvalidJobError
 
 __all__ = [
-    "DEFAULT_CLAIM_ORDER",
     "DEFAULT_LOCK_DURATION_MS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MAX_DEFER_AGE_MS",
@@ -29,21 +27,20 @@ __all__ = [
     "MAX_KIND_BYTES",
     "MAX_MS",
     "MAX_PAYLOAD_DEPTH",
-    "RETIRED_JOB_KINDS",
     "RETRY_BASE_MS",
     "RETRY_CAP_MS",
     "CancelOutcome",
     "FailureClass",
     "Job",
     "JobFailure",
-    "JobKind",
     "JobStatus",
     "NewJob",
+    "Payload",
     "SettledBatch",
     "backoff_ms",
+    "check_kinds",
     "decode_payload",
     "find_failure",
-    "is_retired_kind",
 ]
 
 #: The lease of a claim: a worker that dies mid-job has its row recovered after this.
@@ -58,10 +55,6 @@ RETRY_CAP_MS = 60 * 60 * 1000
 DEFAULT_MAX_DEFER_AGE_MS = 7 * 24 * 60 * 60 * 1000
 #: Times self-heal revives one failed job before it stays failed (0 turns self-heal off).
 DEFAULT_SELF_HEAL_LIMIT = 3
-#: Kinds claimed before all others, in this order (the original's drain-forward order).
-DEFAULT_CLAIM_ORDER: tuple[str, ...] = ("seal", "flush_stale", "append_buffer")
-#: Kinds of the original's removed global/topic trees: never claimed, purged at start.
-RETIRED_JOB_KINDS: tuple[str, ...] = ("topic_route", "digest_daily")
 #: Largest time memtree stores (the columns are signed 64-bit).
 MAX_MS = 2**63 - 1
 #: Longest kind, in UTF-8 bytes. Kinds are indexed, and an index entry must fit a page.
@@ -88,17 +81,6 @@ class JobStatus(StrEnum):
     def is_terminal(self) -> bool:
         """True when no worker will move the job again without an operator."""
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class JobKind(StrEnum):
-    """The memory tree's own kinds. Applications may use any other non-empty kind string."""
-
-    EXTRACT_CHUNK = "extract_chunk"
-    APPEND_BUFFER = "append_buffer"
-    SEAL = "seal"
-    FLUSH_STALE = "flush_stale"
-    REEMBED_BACKFILL = "reembed_backfill"
-    SEAL_DOCUMENT = "seal_document"
 
 
 class FailureClass(StrEnum):
@@ -132,11 +114,6 @@ class SettledBatch:
     #: Jobs still held by their claim whose row another session holds locked
     #: (PostgreSQL): skipped rather than waited for, not settled; settle them again.
     locked: frozenset[str] = frozenset()
-
-
-def is_retired_kind(kind: str) -> bool:
-    """True for the wire strings of retired kinds, which are never claimed."""
-    return kind in RETIRED_JOB_KINDS
 
 
 class JobFailure(Exception):
@@ -240,12 +217,38 @@ def _check_text(name: str, value: object, *, max_bytes: int | None = None) -> st
     return value
 
 
-def check_kind(kind: object) -> str:
-    """``kind`` as a storable, claimable kind string, or :class:`InvalidJobError`."""
+def check_kind(kind: object, retired: tuple[str, ...] = ()) -> str:
+    """``kind`` as a storable kind string, or :class:`InvalidJobError`; a kind in
+    ``retired`` (a queue's retired kinds, which it never claims) is refused too."""
     text = _check_text("kind", kind, max_bytes=MAX_KIND_BYTES)
-    if is_retired_kind(text):
+    if text in retired:
         raise InvalidJobError(f"kind {text!r} is retired and would never be claimed")
     return text
+
+
+def check_kinds(name: str, kinds: Iterable[str], retired: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A queue setting naming kinds (``claim_order``, ``retired_kinds``) as a tuple of
+    distinct kind strings, none in ``retired``, or :class:`ConfigurationError`."""
+    if isinstance(kinds, str):
+        raise ConfigurationError(f"{name} must be a sequence of kinds, not one string")
+    try:
+        checked = tuple(check_kind(kind, retired) for kind in kinds)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+    if len(set(checked)) != len(checked):
+        raise ConfigurationError(f"{name} names a kind twice")
+    return checked
+
+
+class Payload(ABC):
+    """A typed payload: its wire JSON value and its dedupe key. A :class:`NewJob` stores
+    ``to_wire()``; the memory tree's payloads (:mod:`memtree.tree.payloads`) are these."""
+
+    @abstractmethod
+    def to_wire(self) -> Any: ...
+
+    @abstractmethod
+    def dedupe_key(self) -> str: ...
 
 
 #: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
@@ -278,8 +281,6 @@ _TOO_DEEP = f"nested more than {MAX_PAYLOAD_DEPTH} levels deep (MAX_PAYLOAD_DEPT
 
 def encode_payload(payload: object) -> str:
     """Serialise a payload to the ``payload_json`` text, or :class:`InvalidJobError`."""
-    from memtree.payloads import Payload
-
     value = payload.to_wire() if isinstance(payload, Payload) else payload
     try:
         text = _PAYLOAD_ENCODER.encode(value)
@@ -312,8 +313,7 @@ def decode_payload(text: str) -> Any:
 class NewJob:
     """A job to enqueue. Validated when built, so a bad job never reaches the database.
 
-    ``payload`` is any JSON value (NaN and infinities are not JSON) or one of the
-    memory-tree payload classes in :mod:`memtree.payloads`.
+    ``payload`` is any JSON value (NaN and infinities are not JSON) or a :class:`Payload`.
     """
 
     kind: str
@@ -335,59 +335,6 @@ class NewJob:
             if not 1 <= self.max_attempts <= _MAX_INT32:
                 raise InvalidJobError(f"max_attempts must be between 1 and {_MAX_INT32}")
         object.__setattr__(self, "payload_json", encode_payload(self.payload))
-
-    # Constructors for the memory tree's kinds: the payload shapes and dedupe keys are
-    # the original crate's, byte for byte, so Rust and Python producers dedupe together.
-
-    @classmethod
-    def _of(cls, kind: JobKind, payload: Payload, max_attempts: int | None = None) -> NewJob:
-        return cls(kind, payload, dedupe_key=payload.dedupe_key(), max_attempts=max_attempts)
-
-    @classmethod
-    def extract_chunk(cls, chunk_id: str) -> NewJob:
-        from memtree.payloads import ExtractChunkPayload
-
-        return cls._of(JobKind.EXTRACT_CHUNK, ExtractChunkPayload(chunk_id))
-
-    @classmethod
-    def append_buffer(cls, node: NodeRef, target: AppendTarget) -> NewJob:
-        from memtree.payloads import AppendBufferPayload
-
-        return cls._of(JobKind.APPEND_BUFFER, AppendBufferPayload(node, target))
-
-    @classmethod
-    def seal(cls, tree_id: str, level: int, force_now_ms: int | None = None) -> NewJob:
-        from memtree.payloads import SealPayload
-
-        return cls._of(JobKind.SEAL, SealPayload(tree_id, level, force_now_ms))
-
-    @classmethod
-    def flush_stale(cls, now_ms: int, max_age_secs: int | None = None) -> NewJob:
-        """A ``flush_stale`` job deduped to the UTC date and 3-hour block of ``now_ms``."""
-        from memtree.payloads import FlushStalePayload
-
-        payload = FlushStalePayload(max_age_secs)
-        job = cls(JobKind.FLUSH_STALE, payload, dedupe_key=payload.dedupe_key_at(now_ms))
-        return job
-
-    @classmethod
-    def reembed_backfill(cls, signature: str) -> NewJob:
-        from memtree.payloads import ReembedBackfillPayload
-
-        return cls._of(JobKind.REEMBED_BACKFILL, ReembedBackfillPayload(signature), max_attempts=3)
-
-    @classmethod
-    def seal_document(
-        cls,
-        tree_scope: str,
-        doc_id: str,
-        chunk_ids: list[str] | tuple[str, ...],
-        version_ms: int | None = None,
-    ) -> NewJob:
-        from memtree.payloads import SealDocumentPayload
-
-        payload = SealDocumentPayload(tree_scope, doc_id, version_ms, tuple(chunk_ids))
-        return cls._of(JobKind.SEAL_DOCUMENT, payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import sqlalchemy
 from sqlalchemy import Engine, text
 
 import memtree
+import memtree.tree
 from memtree import Queue
 from memtree.testing import FakeClock
 from tests.flavors import EXECUTORS
@@ -100,6 +101,22 @@ def clock() -> FakeClock:
 def queue(engine: Engine, clock: FakeClock) -> Queue:
     """A migrated queue on a fake clock."""
     q = Queue(engine, clock=clock)
+    q.migrate()
+    return q
+
+
+@pytest.fixture
+def tree_queue(engine: Engine, clock: FakeClock) -> Queue:
+    """A migrated memory-tree queue (its claim order and retired kinds) on a fake clock."""
+    q = memtree.tree.queue(engine, clock=clock)
+    q.migrate()
+    return q
+
+
+@pytest.fixture
+def tree_wall_queue(engine: Engine) -> Queue:
+    """A migrated memory-tree queue on the wall clock."""
+    q = memtree.tree.queue(engine)
     q.migrate()
     return q
 

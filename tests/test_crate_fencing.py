@@ -30,6 +30,12 @@ from tests import tinycortex
 from tests.conftest import FakeClock
 
 
+@pytest.fixture
+def queue(tree_queue: Queue) -> Queue:
+    """The crate's table is shared through the tree's queue."""
+    return tree_queue
+
+
 def crate_recovers_and_claims_again(queue: Queue, clock: FakeClock) -> None:
     """The lease runs out; the crate's startup recovery and its next claim take the job."""
     clock.advance(DEFAULT_LOCK_DURATION_MS + 1)

@@ -23,7 +23,8 @@ import pytest
 from sqlalchemy import text
 
 import memtree
-from memtree import ConfigurationError, JobStatus, NewJob, Queue
+import memtree.tree
+from memtree import ConfigurationError, JobStatus, NewJob
 from memtree.worker import Handlers, JobContext, Worker
 from tests import tinycortex
 from tests.crate_worker import KIND
@@ -44,7 +45,7 @@ def test_memtree_and_the_crate_drain_one_rollback_journal_file_together(
     path = tmp_path / "chunks.db"
     tinycortex.connect(str(path)).close()  # the crate made the file: its table, TRUNCATE
     engine = memtree.create_engine(f"sqlite:///{path}", sqlite_journal_mode=None)
-    queue = Queue(engine)
+    queue = memtree.tree.queue(engine)
     queue.migrate()  # adopts the crate's table
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE effects (job_id TEXT PRIMARY KEY)"))

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from memtree import demo
-from memtree.demo import DemoError, DemoReport, chunk_id, chunk_text, run_demo
+from memtree.tree import demo
+from memtree.tree.demo import DemoError, DemoReport, chunk_id, chunk_text, llm, run_demo
+from memtree.tree.demo import run as demo_run
 
 pytestmark = pytest.mark.sqlite
 
@@ -83,14 +84,14 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run takes about a second; a tree that never converges fails in seconds, not minutes."""
-    monkeypatch.setattr(demo, "DEADLINE_S", 30.0)
+    monkeypatch.setattr(demo_run, "DEADLINE_S", 30.0)
 
 
 @pytest.fixture
 def faulty(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the stand-in LLM time out and rate limit often enough to happen on a small corpus."""
-    monkeypatch.setattr(demo, "FAIL_ONE_IN", 3)
-    monkeypatch.setattr(demo, "DEFER_ONE_IN", 3)
+    monkeypatch.setattr(llm, "FAIL_ONE_IN", 3)
+    monkeypatch.setattr(llm, "DEFER_ONE_IN", 3)
 
 
 def rows(db: Path, sql: str) -> list[tuple[object, ...]]:

@@ -74,6 +74,24 @@ def test_every_name_the_docs_use_exists_and_the_root_exports_it() -> None:
 def test_the_worker_api_is_importable_from_the_package_root() -> None:
     from memtree import worker
 
-    for name in ("Worker", "Defer", "Handlers", "JobContext", "Gate", "DEFAULT_GATES"):
+    for name in ("Worker", "Defer", "Handlers", "JobContext", "Gate"):
         assert getattr(memtree, name) is getattr(worker, name)
         assert name in memtree.__all__
+
+
+def test_the_tree_exports_its_wing_and_the_root_none_of_it() -> None:
+    """``memtree.tree.__all__`` is sorted and complete; the root re-exports none of it."""
+    import memtree.tree
+
+    names = {name for name in vars(memtree.tree) if not name.startswith("_")}
+    public = {
+        name
+        for name in names
+        if name.isupper()
+        or getattr(getattr(memtree.tree, name), "__module__", "").startswith("memtree.tree")
+    }
+    # The submodules a user reaches for by name (jobs, payloads) are exported too.
+    modules = {"jobs", "payloads"}
+    assert set(memtree.tree.__all__) == public | modules
+    assert memtree.tree.__all__ == sorted(memtree.tree.__all__, key=lambda n: (not n.isupper(), n))
+    assert not set(memtree.tree.__all__) & set(memtree.__all__)

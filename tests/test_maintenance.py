@@ -9,28 +9,29 @@ import time
 import pytest
 from sqlalchemy import Engine
 
-from memtree import DEFAULT_SELF_HEAL_LIMIT, ConfigurationError, JobKind, JobStatus, NewJob, Queue
-from memtree.maintenance import enqueue_flush_stale, self_heal
+from memtree import DEFAULT_SELF_HEAL_LIMIT, ConfigurationError, JobStatus, NewJob, Queue
+from memtree.maintenance import self_heal
 from memtree.testing import drain
+from memtree.tree import JobKind, enqueue_flush_stale
 from memtree.worker import Handlers, JobContext, Worker
 from tests.conftest import FakeClock
 
 
-def test_enqueue_flush_stale_dedupes_within_current_block(wall_queue: Queue) -> None:
-    assert enqueue_flush_stale(wall_queue) is not None
-    assert enqueue_flush_stale(wall_queue) is None, "the same 3h block is deduped"
-    assert wall_queue.count_by_status(JobStatus.READY) == 1
-    claimed = wall_queue.claim_next()
+def test_enqueue_flush_stale_dedupes_within_current_block(tree_wall_queue: Queue) -> None:
+    assert enqueue_flush_stale(tree_wall_queue) is not None
+    assert enqueue_flush_stale(tree_wall_queue) is None, "the same 3h block is deduped"
+    assert tree_wall_queue.count_by_status(JobStatus.READY) == 1
+    claimed = tree_wall_queue.claim_next()
     assert claimed is not None and claimed.kind == JobKind.FLUSH_STALE
 
 
 def test_enqueue_flush_stale_enqueues_again_in_the_next_block(
-    queue: Queue, clock: FakeClock
+    tree_queue: Queue, clock: FakeClock
 ) -> None:
-    assert enqueue_flush_stale(queue) is not None
+    assert enqueue_flush_stale(tree_queue) is not None
     clock.advance(3 * 60 * 60 * 1000)
-    assert enqueue_flush_stale(queue) is not None, "a new block, a new key"
-    assert queue.count_total() == 2
+    assert enqueue_flush_stale(tree_queue) is not None, "a new block, a new key"
+    assert tree_queue.count_total() == 2
 
 
 def test_self_heal_requeues_transient_failures(wall_queue: Queue) -> None:

@@ -50,6 +50,7 @@ from memtree import (
     migration,
 )
 from memtree.models import jobs
+from memtree.tree import jobs as tree_jobs
 from tests.conftest import START_MS, FakeClock
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -555,7 +556,7 @@ def test_migrate_adopts_the_original_table_and_keeps_every_row(
     assert job.lease_token is not None
     assert queue.claim_next() is None  # the running row's lease has not expired
     # The adopted ready row still holds its dedupe key while it runs.
-    assert queue.enqueue(NewJob.extract_chunk("c1")) is None
+    assert queue.enqueue(tree_jobs.extract_chunk("c1")) is None
     assert queue.mark_done(job)
     assert queue.count_by_status(JobStatus.DONE) == 2
     assert queue.count_total() == len(original_db)
@@ -996,7 +997,11 @@ def test_wheel_ships_migrations_and_migrates_from_site_packages(tmp_path: Path) 
         "memtree/migrations/versions/memtree_0001_create_mem_tree_jobs.py",
         "memtree/migrations/versions/memtree_0002_failure_columns.py",
         "memtree/migrations/versions/memtree_0003_lease_token_and_claim_index.py",
+        "memtree/tree/__init__.py",
+        "memtree/tree/demo/__init__.py",
     } <= names
+    notes = sorted(p.name for p in (REPO_ROOT / "memtree/tree/demo/notes").glob("*.txt"))
+    assert notes and {f"memtree/tree/demo/notes/{name}" for name in notes} <= names
     assert not any(name.startswith(("tests/", "migrations/")) for name in names)
 
     site = tmp_path / "site"
@@ -1012,6 +1017,16 @@ def test_wheel_ships_migrations_and_migrates_from_site_packages(tmp_path: Path) 
     assert job_id.startswith("job:")
     assert head == HEAD
     assert (workdir / "x.db").is_file()
+    corpus = _run(
+        [
+            sys.executable,
+            "-c",
+            "from memtree.tree.demo import load_corpus as c; print(len(c(None)))",
+        ],
+        cwd=workdir,
+        env=env,
+    )
+    assert corpus.stdout.split() == [str(len(notes))], "the demo's notes load from site-packages"
 
 
 def test_host_history_adopts_the_original_table_by_stamping_its_layout(

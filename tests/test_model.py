@@ -1,4 +1,5 @@
 """Model-checked semantics: a Hypothesis state machine drives a real :class:`memtree.Queue`
+(the tree's, :func:`memtree.tree.queue`, whose claim order and retired kinds the model follows)
 and a plain-Python model of ``docs/states.md`` side by side, and after every step the
 database's rows must equal the model's, column by column.
 
@@ -37,8 +38,10 @@ from hypothesis.stateful import (
 from sqlalchemy import Engine, text
 
 import memtree
+import memtree.tree
 from memtree import CancelOutcome, InvalidJobError, Job, JobFailure, NewJob, Queue
-from memtree.types import DEFAULT_CLAIM_ORDER, DEFAULT_SELF_HEAL_LIMIT, RETIRED_JOB_KINDS
+from memtree.tree import CLAIM_ORDER, RETIRED_KINDS
+from memtree.types import DEFAULT_SELF_HEAL_LIMIT
 from tests.conftest import START_MS, FakeClock
 
 MAX_MS = 2**63 - 1
@@ -89,7 +92,7 @@ def backoff(attempts: int) -> int:
 
 
 def priority(kind: str) -> int:
-    return DEFAULT_CLAIM_ORDER.index(kind) if kind in DEFAULT_CLAIM_ORDER else 3
+    return CLAIM_ORDER.index(kind) if kind in CLAIM_ORDER else 3
 
 
 @dataclass
@@ -202,7 +205,7 @@ offsets = st.sampled_from([None, None, None, -1_000, 0, 1_000, LEASE_MS * 2, "ma
 def claimed_kinds() -> st.SearchStrategy[tuple[str, ...] | None]:
     return st.one_of(
         st.none(),
-        st.lists(st.sampled_from([*KINDS, *RETIRED_JOB_KINDS]), max_size=3).map(tuple),
+        st.lists(st.sampled_from([*KINDS, *RETIRED_KINDS]), max_size=3).map(tuple),
     )
 
 
@@ -368,7 +371,7 @@ def machine_for(
                 if job_id is not None:
                     self.insert(job_id, job)
 
-        @rule(kind=st.sampled_from([*RETIRED_JOB_KINDS, "a"]), offset=st.sampled_from([-1, 0]))
+        @rule(kind=st.sampled_from([*RETIRED_KINDS, "a"]), offset=st.sampled_from([-1, 0]))
         def another_program_inserts(self, kind: str, offset: int) -> None:
             """A row another program wrote: a retired kind memtree never claims, or a plain one."""
             self.serial += 1
@@ -412,13 +415,13 @@ def machine_for(
         # -- claim --------------------------------------------------------------------------
 
         def claim(self, limit: int, lease: int | None, wanted: tuple[str, ...] | None) -> list[Job]:
-            allowed = None if wanted is None else set(wanted) - set(RETIRED_JOB_KINDS)
+            allowed = None if wanted is None else set(wanted) - set(RETIRED_KINDS)
             eligible = [
                 r
                 for r in self.rows.values()
                 if r.status == READY
                 and r.available_at_ms <= self.now
-                and r.kind not in RETIRED_JOB_KINDS
+                and r.kind not in RETIRED_KINDS
                 and (allowed is None or r.kind in allowed)
             ]
             if allowed is not None and not allowed:
@@ -756,7 +759,7 @@ def machine_for(
 
         @rule()
         def purge_retired_jobs(self) -> None:
-            retired = [i for i, r in self.rows.items() if r.kind in RETIRED_JOB_KINDS]
+            retired = [i for i, r in self.rows.items() if r.kind in RETIRED_KINDS]
             assert queue.purge_retired_jobs() == len(retired)
             for job_id in retired:
                 del self.rows[job_id]
@@ -833,7 +836,7 @@ def test_queue_semantics_match_the_model(db_url: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(memtree.store, "new_job_id", ids)
     engine = memtree.create_engine(db_url)
     clock = FakeClock()
-    queue = Queue(
+    queue = memtree.tree.queue(
         engine,
         clock=clock,
         lock_duration_ms=LEASE_MS,

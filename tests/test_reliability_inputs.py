@@ -601,11 +601,11 @@ ALLOWED = {
         'conn.execute(f"LISTEN {NOTIFY_CHANNEL}")',
     ): "a module constant (memtree_jobs); LISTEN takes an identifier, not a parameter",
     (
-        "memtree/demo.py",
+        "memtree/tree/demo/database.py",
         'conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE")',
     ): "a module constant naming the demo's own schema",
     (
-        "memtree/demo.py",
+        "memtree/tree/demo/database.py",
         'conn.exec_driver_sql(f"CREATE SCHEMA {PG_SCHEMA}")',
     ): "a module constant naming the demo's own schema",
 }

@@ -17,7 +17,8 @@ from memtree import (
     Queue,
     backoff_ms,
 )
-from memtree.payloads import Leaf, SourceTarget
+from memtree.tree import jobs
+from memtree.tree.payloads import Leaf, SourceTarget
 from tests.conftest import FakeClock
 
 
@@ -58,7 +59,7 @@ def test_mark_done_settles_current_lessee(wall_queue: Queue) -> None:
 
 def test_mark_done_commits_followup_in_parent_settlement_transaction(queue: Queue) -> None:
     parent_id = queue.enqueue(extract_job("c-parent"))
-    followup = NewJob.append_buffer(Leaf("c-parent"), SourceTarget("slack:#atomic"))
+    followup = jobs.append_buffer(Leaf("c-parent"), SourceTarget("slack:#atomic"))
     assert queue.mark_done(claim(queue), [followup])
     assert row(queue, parent_id).status is JobStatus.DONE
     assert queue.count_by_status(JobStatus.READY) == 1
@@ -101,7 +102,7 @@ def test_count_failed_unrecoverable_excludes_transient_and_untyped(queue: Queue)
 
 
 def test_mark_failed_retries_then_terminates(queue: Queue, clock: FakeClock) -> None:
-    job = NewJob.append_buffer(Leaf("c1"), SourceTarget("slack:#x"))
+    job = jobs.append_buffer(Leaf("c1"), SourceTarget("slack:#x"))
     job_id = queue.enqueue(NewJob(job.kind, job.payload, job.dedupe_key, max_attempts=2))
     assert queue.mark_failed(claim(queue), "boom")
     retried = row(queue, job_id)

@@ -15,13 +15,12 @@ from memtree import (
     DEFAULT_LOCK_DURATION_MS,
     RETRY_CAP_MS,
     CorruptJobError,
-    JobKind,
     JobStatus,
     NewJob,
     Queue,
     backoff_ms,
-    is_retired_kind,
 )
+from memtree.tree import JobKind, is_retired_kind, jobs
 from tests.conftest import FakeClock
 
 
@@ -49,7 +48,7 @@ def insert_raw(
 
 
 def test_enqueue_and_claim_roundtrip(queue: Queue) -> None:
-    job_id = queue.enqueue(NewJob.extract_chunk("c1"))
+    job_id = queue.enqueue(jobs.extract_chunk("c1"))
     assert job_id is not None and job_id.startswith("job:")
     claimed = queue.claim_next(DEFAULT_LOCK_DURATION_MS)
     assert claimed is not None
@@ -61,7 +60,7 @@ def test_enqueue_and_claim_roundtrip(queue: Queue) -> None:
 
 
 def test_typed_failure_columns_roundtrip_as_none_by_default(queue: Queue) -> None:
-    job_id = queue.enqueue(NewJob.extract_chunk("c-typed"))
+    job_id = queue.enqueue(jobs.extract_chunk("c-typed"))
     claimed = queue.claim_next()
     assert claimed is not None
     assert (claimed.failure_reason, claimed.failure_class) == (None, None)
@@ -71,14 +70,14 @@ def test_typed_failure_columns_roundtrip_as_none_by_default(queue: Queue) -> Non
 
 
 def test_enqueue_dedupes_active_jobs(queue: Queue) -> None:
-    job = NewJob.extract_chunk("c1")
+    job = jobs.extract_chunk("c1")
     assert queue.enqueue(job) is not None
     assert queue.enqueue(job) is None, "a duplicate is suppressed while ready"
     assert queue.count_total() == 1
 
 
 def test_enqueue_dedupes_while_running(queue: Queue) -> None:
-    job = NewJob.extract_chunk("c1")
+    job = jobs.extract_chunk("c1")
     queue.enqueue(job)
     assert queue.claim_next() is not None
     assert queue.enqueue(job) is None, "a duplicate is suppressed while running"
@@ -86,7 +85,7 @@ def test_enqueue_dedupes_while_running(queue: Queue) -> None:
 
 
 def test_enqueue_after_done_creates_fresh_row(queue: Queue) -> None:
-    job = NewJob.extract_chunk("c1")
+    job = jobs.extract_chunk("c1")
     first = queue.enqueue(job)
     claimed = queue.claim_next()
     assert claimed is not None and claimed.id == first
@@ -108,7 +107,7 @@ def test_enqueue_after_failed_creates_fresh_row(queue: Queue) -> None:
 
 def test_count_by_status_reports_each_state(queue: Queue) -> None:
     for i in range(3):
-        queue.enqueue(NewJob.extract_chunk(f"c{i}"))
+        queue.enqueue(jobs.extract_chunk(f"c{i}"))
     assert queue.count_by_status(JobStatus.READY) == 3
     claimed = queue.claim_next()
     assert claimed is not None and queue.mark_done(claimed)
@@ -125,18 +124,38 @@ def test_backoff_grows_then_caps() -> None:
     assert backoff_ms(0) == 60_000, "a first attempt never waits less than the base"
 
 
-def test_retired_kind_rows_are_skipped_then_purged(queue: Queue) -> None:
-    insert_raw(queue, "job:retired-1", "topic_route")
-    insert_raw(queue, "job:retired-2", "digest_daily")
-    live_id = queue.enqueue(NewJob.extract_chunk("live"))
-    claimed = queue.claim_next()
+def test_retired_kind_rows_are_skipped_then_purged(tree_queue: Queue) -> None:
+    insert_raw(tree_queue, "job:retired-1", "topic_route")
+    insert_raw(tree_queue, "job:retired-2", "digest_daily")
+    live_id = tree_queue.enqueue(jobs.extract_chunk("live"))
+    claimed = tree_queue.claim_next()
     assert claimed is not None
     assert claimed.id == live_id
     assert claimed.kind == JobKind.EXTRACT_CHUNK
-    assert queue.claim_next() is None, "retired rows are never claimed"
-    assert queue.purge_retired_jobs() == 2
-    assert queue.count_total() == 1
-    assert queue.get_job(live_id or "") is not None
+    assert tree_queue.claim_next() is None, "retired rows are never claimed"
+    assert tree_queue.purge_retired_jobs() == 2
+    assert tree_queue.count_total() == 1
+    assert tree_queue.get_job(live_id or "") is not None
+
+
+def test_a_plain_queue_retires_nothing_and_claims_a_tree_retired_kind(queue: Queue) -> None:
+    """Retired kinds are the tree's setting, not the core's: a plain queue enqueues,
+    claims, counts and purges nothing of its own accord."""
+    assert (queue.claim_order, queue.retired_kinds) == ((), ())
+    job_id = queue.enqueue(NewJob("topic_route", {"n": 1}))
+    assert queue.count_retired() == 0 and queue.purge_retired_jobs() == 0
+    claimed = queue.claim_next(kinds=["topic_route"])
+    assert claimed is not None and claimed.id == job_id
+
+
+def test_queues_retiring_different_kinds_share_an_engine(queue: Queue, tree_queue: Queue) -> None:
+    """The claim and next-due statements are cached per retired kinds, not built once."""
+    insert_raw(queue, "job:retired-1", "topic_route")
+    assert tree_queue.next_due_ms() is None and tree_queue.claim_next() is None
+    assert queue.next_due_ms() is not None
+    claimed = queue.claim_next()
+    assert claimed is not None and claimed.id == "job:retired-1"
+    assert tree_queue.claim_next() is None
 
 
 def test_is_retired_kind_recognises_legacy_strings() -> None:
@@ -270,17 +289,17 @@ def test_enqueue_many_is_one_transaction(queue: Queue) -> None:
 
 
 def test_claim_order_is_seal_flush_append_then_the_rest_by_due_time(
-    queue: Queue, clock: FakeClock
+    tree_queue: Queue, clock: FakeClock
 ) -> None:
     now = clock.now_ms
-    queue.enqueue(NewJob("other", {"n": 1}, available_at_ms=now - 500))
-    queue.enqueue(NewJob.extract_chunk("x"))
-    queue.enqueue(NewJob("append_buffer", {"n": 2}, available_at_ms=now - 10))
-    queue.enqueue(NewJob("append_buffer", {"n": 1}, available_at_ms=now - 20))
-    queue.enqueue(NewJob.flush_stale(now))
-    queue.enqueue(NewJob.seal("t", 1))
+    tree_queue.enqueue(NewJob("other", {"n": 1}, available_at_ms=now - 500))
+    tree_queue.enqueue(jobs.extract_chunk("x"))
+    tree_queue.enqueue(NewJob("append_buffer", {"n": 2}, available_at_ms=now - 10))
+    tree_queue.enqueue(NewJob("append_buffer", {"n": 1}, available_at_ms=now - 20))
+    tree_queue.enqueue(jobs.flush_stale(now))
+    tree_queue.enqueue(jobs.seal("t", 1))
     order = []
-    while (job := queue.claim_next()) is not None:
+    while (job := tree_queue.claim_next()) is not None:
         order.append((job.kind, job.available_at_ms))
     assert [kind for kind, _ in order] == [
         "seal",
@@ -293,16 +312,16 @@ def test_claim_order_is_seal_flush_append_then_the_rest_by_due_time(
     assert order[2][1] < order[3][1], "within a kind, the earliest due first"
 
 
-def test_claim_batch_returns_jobs_in_claim_order(queue: Queue, clock: FakeClock) -> None:
-    queue.enqueue_many(
+def test_claim_batch_returns_jobs_in_claim_order(tree_queue: Queue, clock: FakeClock) -> None:
+    tree_queue.enqueue_many(
         [
             NewJob("z", {"i": 1}, available_at_ms=clock.now_ms - 5),
-            NewJob.seal("t", 0),
+            jobs.seal("t", 0),
             NewJob("a", {"i": 2}, available_at_ms=clock.now_ms - 9),
-            NewJob.extract_chunk("c"),
+            jobs.extract_chunk("c"),
         ]
     )
-    batch = queue.claim_batch(10)
+    batch = tree_queue.claim_batch(10)
     assert [job.kind for job in batch] == ["seal", "a", "z", "extract_chunk"]
     assert len({job.lease_token for job in batch}) == 1
     assert all(job.status is JobStatus.RUNNING and job.attempts == 1 for job in batch)
@@ -319,21 +338,21 @@ def test_claim_batch_respects_limit_and_skips_future_jobs(queue: Queue, clock: F
     assert [job.payload for job in later] == [{"later": True}]
 
 
-def test_claim_with_kinds_only_takes_those_kinds(queue: Queue) -> None:
-    queue.enqueue_many([NewJob.seal("t", 0), NewJob("mine", 1), NewJob("theirs", 2)])
-    got = queue.claim_batch(10, kinds=["mine"])
+def test_claim_with_kinds_only_takes_those_kinds(tree_queue: Queue) -> None:
+    tree_queue.enqueue_many([jobs.seal("t", 0), NewJob("mine", 1), NewJob("theirs", 2)])
+    got = tree_queue.claim_batch(10, kinds=["mine"])
     assert [job.kind for job in got] == ["mine"]
-    got = queue.claim_batch(10, kinds=["seal", "nothing"])
+    got = tree_queue.claim_batch(10, kinds=["seal", "nothing"])
     assert [job.kind for job in got] == ["seal"]
-    assert queue.claim_batch(10, kinds=[]) == []
-    assert queue.claim_batch(10, kinds=["topic_route"]) == []
-    assert [job.kind for job in queue.claim_batch(10)] == ["theirs"]
+    assert tree_queue.claim_batch(10, kinds=[]) == []
+    assert tree_queue.claim_batch(10, kinds=["topic_route"]) == []
+    assert [job.kind for job in tree_queue.claim_batch(10)] == ["theirs"]
 
 
 def test_claim_order_is_configurable(engine, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
     queue = Queue(engine, clock=clock, claim_order=("urgent",))
     queue.migrate()
-    queue.enqueue_many([NewJob.seal("t", 0), NewJob("urgent", 1)])
+    queue.enqueue_many([jobs.seal("t", 0), NewJob("urgent", 1)])
     assert [job.kind for job in queue.claim_batch(5)] == ["urgent", "seal"]
 
 

@@ -8,18 +8,17 @@ import json
 import pytest
 
 from memtree import (
-    RETIRED_JOB_KINDS,
     CorruptJobError,
     FailureClass,
     InvalidJobError,
     Job,
     JobFailure,
-    JobKind,
     JobStatus,
     NewJob,
     store,
 )
-from memtree.payloads import (
+from memtree.tree import RETIRED_KINDS, JobKind, jobs
+from memtree.tree.payloads import (
     AppendBufferPayload,
     ExtractChunkPayload,
     FlushStalePayload,
@@ -38,7 +37,7 @@ def wire(job: NewJob) -> object:
 
 
 def test_extract_chunk_payload_and_key() -> None:
-    job = NewJob.extract_chunk("c-1")
+    job = jobs.extract_chunk("c-1")
     assert job.kind == JobKind.EXTRACT_CHUNK == "extract_chunk"
     assert wire(job) == {"chunk_id": "c-1"}
     assert job.dedupe_key == "extract:c-1"
@@ -69,7 +68,7 @@ def test_extract_chunk_payload_and_key() -> None:
     ],
 )
 def test_append_buffer_payload_and_key(node, target, payload, key) -> None:  # type: ignore[no-untyped-def]
-    job = NewJob.append_buffer(node, target)
+    job = jobs.append_buffer(node, target)
     assert job.kind == "append_buffer"
     assert wire(job) == payload
     assert job.dedupe_key == key
@@ -77,10 +76,10 @@ def test_append_buffer_payload_and_key(node, target, payload, key) -> None:  # t
 
 
 def test_seal_payload_keeps_optional_fields_as_null() -> None:
-    job = NewJob.seal("tree-1", 2)
+    job = jobs.seal("tree-1", 2)
     assert wire(job) == {"tree_id": "tree-1", "level": 2, "force_now_ms": None}
     assert job.dedupe_key == "seal:tree-1:2"
-    forced = NewJob.seal("tree-1", 2, force_now_ms=123)
+    forced = jobs.seal("tree-1", 2, force_now_ms=123)
     assert wire(forced) == {"tree_id": "tree-1", "level": 2, "force_now_ms": 123}
     assert forced.dedupe_key == job.dedupe_key, "forcing does not change the key"
     assert SealPayload.from_wire(wire(forced)) == SealPayload("tree-1", 2, 123)
@@ -90,23 +89,23 @@ def test_flush_stale_key_is_the_utc_date_and_three_hour_block() -> None:
     # 2026-11-26T23:59:59.999Z is block 7; one millisecond later is the next day's block 0.
     last_ms = 1_795_737_599_999
     assert flush_stale_block(last_ms) == ("2026-11-26", 7)
-    assert NewJob.flush_stale(last_ms).dedupe_key == "flush_stale:2026-11-26-h7"
-    assert NewJob.flush_stale(last_ms + 1).dedupe_key == "flush_stale:2026-11-27-h0"
-    assert NewJob.flush_stale(last_ms - 3 * 3600 * 1000).dedupe_key == "flush_stale:2026-11-26-h6"
-    assert wire(NewJob.flush_stale(last_ms)) == {"max_age_secs": None}
-    assert wire(NewJob.flush_stale(last_ms, max_age_secs=60)) == {"max_age_secs": 60}
+    assert jobs.flush_stale(last_ms).dedupe_key == "flush_stale:2026-11-26-h7"
+    assert jobs.flush_stale(last_ms + 1).dedupe_key == "flush_stale:2026-11-27-h0"
+    assert jobs.flush_stale(last_ms - 3 * 3600 * 1000).dedupe_key == "flush_stale:2026-11-26-h6"
+    assert wire(jobs.flush_stale(last_ms)) == {"max_age_secs": None}
+    assert wire(jobs.flush_stale(last_ms, max_age_secs=60)) == {"max_age_secs": 60}
     assert FlushStalePayload.from_wire({"max_age_secs": 60}) == FlushStalePayload(60)
 
 
 def test_reembed_backfill_has_three_attempts() -> None:
-    job = NewJob.reembed_backfill("openai:3-small:1536")
+    job = jobs.reembed_backfill("openai:3-small:1536")
     assert wire(job) == {"signature": "openai:3-small:1536"}
     assert job.dedupe_key == "reembed_backfill:openai:3-small:1536"
     assert job.max_attempts == 3
 
 
 def test_seal_document_key_with_and_without_version() -> None:
-    versioned = NewJob.seal_document("conn:1", "doc-9", ["a", "b"], version_ms=1700)
+    versioned = jobs.seal_document("conn:1", "doc-9", ["a", "b"], version_ms=1700)
     assert wire(versioned) == {
         "tree_scope": "conn:1",
         "doc_id": "doc-9",
@@ -114,7 +113,7 @@ def test_seal_document_key_with_and_without_version() -> None:
         "chunk_ids": ["a", "b"],
     }
     assert versioned.dedupe_key == "seal_doc:doc-9@1700"
-    plain = NewJob.seal_document("conn:1", "doc-9", [])
+    plain = jobs.seal_document("conn:1", "doc-9", [])
     assert wire(plain) == {
         "tree_scope": "conn:1",
         "doc_id": "doc-9",
@@ -143,7 +142,7 @@ def test_wire_strings() -> None:
         "reembed_backfill",
         "seal_document",
     ]
-    assert RETIRED_JOB_KINDS == ("topic_route", "digest_daily")
+    assert RETIRED_KINDS == ("topic_route", "digest_daily")
     assert JobStatus.DONE.is_terminal and not JobStatus.RUNNING.is_terminal
     assert [c.value for c in FailureClass] == ["transient", "unrecoverable"]
 

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, Integer, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import memtree
+import memtree.tree
 from memtree import JobFailure, JobStatus, NewJob, Queue
 from memtree.worker import AsyncJobContext, Defer, Gate, Handlers, JobContext, Worker
 from tests.flavors import Step, add, call, flush, handler, sleep, wait
@@ -438,9 +439,9 @@ def test_gate_holds_its_limit_without_churning_the_table(app: Queue, executor: s
 
 
 def test_default_gate_is_the_llm_gate() -> None:
-    from memtree.worker import DEFAULT_GATES
+    import memtree.tree
 
-    assert [(g.name, g.limit, set(g.kinds)) for g in DEFAULT_GATES] == [
+    assert [(g.name, g.limit, set(g.kinds)) for g in memtree.tree.GATES] == [
         ("llm", 1, {"extract_chunk", "seal", "reembed_backfill", "seal_document"})
     ]
 
@@ -694,7 +695,7 @@ def test_maintenance_recovers_prunes_and_schedules_flush_stale(
     from tests.conftest import FakeClock
 
     fake = FakeClock()
-    queue = Queue(engine, clock=fake)
+    queue = memtree.tree.queue(engine, clock=fake)
     queue.migrate()
     old = queue.enqueue(NewJob("old"))
     stale = queue.enqueue(NewJob("stale"))
@@ -703,7 +704,7 @@ def test_maintenance_recovers_prunes_and_schedules_flush_stale(
     fake.advance(8 * 24 * 60 * 60 * 1000)  # past the 7-day retention and the stale lease
     handlers = Handlers()
     handlers.register("flush_stale")(lambda ctx: None)
-    with Running(Worker(queue, handlers, poll_interval_s=0.05)):
+    with Running(memtree.tree.worker(queue, handlers, poll_interval_s=0.05)):
         wait_for(lambda: queue.get_job(old or "") is None)
         wait_for(lambda: status_of(queue, stale) is JobStatus.READY)
         wait_for(lambda: queue.count_by_status(JobStatus.DONE) == 1)  # flush_stale ran
@@ -721,7 +722,11 @@ def test_worker_settings_are_validated(app: Queue) -> None:
     with pytest.raises(memtree.ConfigurationError):
         Worker(app, {"k": lambda ctx: None}, gates=[Gate("a", 1, ("k",)), Gate("b", 1, ("k",))])
     with pytest.raises(memtree.ConfigurationError):
-        Worker(app, {"topic_route": lambda ctx: None})
+        Worker(memtree.tree.queue(app.engine), {"topic_route": lambda ctx: None})
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"k": lambda ctx: None}, upkeep=[("prune", 1.0, lambda q: None)])
+    with pytest.raises(memtree.ConfigurationError):
+        Worker(app, {"k": lambda ctx: None}, upkeep=[("mine", 0, lambda q: None)])
     with pytest.raises(memtree.ConfigurationError):
         Defer(until_ms=1, delay_ms=1)
 
@@ -853,7 +858,6 @@ def test_a_handler_that_is_not_callable_is_refused(queue: Queue) -> None:
         ("poll_interval_s", float("nan")),
         ("recover_interval_s", 0),
         ("self_heal_interval_s", 0),
-        ("flush_stale_interval_s", -1),
         ("prune_interval_s", 0),
         ("shutdown_grace_s", -1),
         ("retention_ms", 0),
@@ -865,6 +869,28 @@ def test_a_zero_or_negative_worker_setting_is_refused_not_replaced_by_its_defaul
 ) -> None:
     with pytest.raises(memtree.ConfigurationError, match=setting):
         Worker(queue, {"k": lambda ctx: None}, **{setting: value})  # type: ignore[arg-type]
+
+
+def test_a_tree_workers_flush_stale_interval_is_validated_when_built(queue: Queue) -> None:
+    with pytest.raises(memtree.ConfigurationError, match="flush_stale_interval_s"):
+        memtree.tree.worker(queue, {"k": lambda ctx: None}, flush_stale_interval_s=-1)
+
+
+def test_a_plain_worker_has_no_gate_and_runs_only_the_upkeep_it_is_given(
+    wall_queue: Queue,
+) -> None:
+    """Gates and periodic enqueues are the application's: the tree's worker adds the llm
+    gate and flush_stale; a plain worker adds nothing, and calls its own upkeep."""
+    ran: list[Queue] = []
+    handlers = {"flush_stale": lambda ctx: None, "extract_chunk": lambda ctx: None}
+    plain = Worker(wall_queue, handlers, poll_interval_s=0.05, upkeep=[("mine", 60.0, ran.append)])
+    assert plain.gates == () and plain.intervals["mine"] == 60.0
+    with Running(plain):
+        wait_for(lambda: ran == [wall_queue])
+    assert wall_queue.count_total() == 0, "no flush_stale of its own"
+    queue = wall_queue
+    tree = memtree.tree.worker(queue, handlers)
+    assert tree.gates == memtree.tree.GATES and "flush_stale" in tree.upkeep
 
 
 def test_none_asks_for_a_settings_default_and_zero_grace_is_allowed(queue: Queue) -> None:

@@ -8,7 +8,6 @@ from memtree.worker.completer import (
     INFRASTRUCTURE_RETRY_CAP_MS,
 )
 from memtree.worker.context import (
-    DEFAULT_GATES,
     AsyncHandler,
     AsyncJobContext,
     Defer,
@@ -22,7 +21,6 @@ from memtree.worker.outcome import Ending
 from memtree.worker.worker import Worker
 
 __all__ = [
-    "DEFAULT_GATES",
     "DEFAULT_MAX_INFRASTRUCTURE_RELEASES",
     "INFRASTRUCTURE_RETRY_BASE_MS",
     "INFRASTRUCTURE_RETRY_CAP_MS",

@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from memtree.errors import ConfigurationError
-from memtree.types import Job, JobKind, NewJob, check_kind
+from memtree.types import Job, NewJob, check_kind
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from memtree.queue import Queue
 
 __all__ = [
-    "DEFAULT_GATES",
     "AsyncHandler",
     "AsyncJobContext",
     "Defer",
@@ -80,16 +79,6 @@ class Gate:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
             raise ConfigurationError(f"gate {self.name!r} needs a limit >= 1, not {self.limit!r}")
         object.__setattr__(self, "kinds", tuple(self.kinds))
-
-
-#: The original's LLM gate: one LLM-bound job at a time per worker.
-DEFAULT_GATES: tuple[Gate, ...] = (
-    Gate(
-        "llm",
-        1,
-        (JobKind.EXTRACT_CHUNK, JobKind.SEAL, JobKind.REEMBED_BACKFILL, JobKind.SEAL_DOCUMENT),
-    ),
-)
 
 
 def _fields(job: Job) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
@@ -23,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from memtree import tracing, wakeup
 from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
 from memtree.redact import scrub
-from memtree.types import Job, JobKind, NewJob
+from memtree.types import Job
 from memtree.worker.completer import Completer, Finished
 from memtree.worker.context import AsyncJobContext, Gate, JobContext
 from memtree.worker.dbfile import DatabaseFile
@@ -384,17 +385,15 @@ class Producer:
             "recover": self.queue.recover_stale_locks,
             "self_heal": lambda: self.queue.requeue_transient_failed(worker.self_heal_limit),
         }
-        if JobKind.FLUSH_STALE in worker.handlers:
-            tasks["flush_stale"] = lambda: self.queue.enqueue(
-                NewJob.flush_stale(self.queue.now_ms())
-            )
+        for task_name, upkeep_task in worker.upkeep.items():
+            tasks[task_name] = partial(upkeep_task, self.queue)
         if worker.retention_ms is not None:
             tasks["prune"] = self._prune
         for name, task in tasks.items():
             if now >= self._due.get(name, 0.0):
                 self._due[name] = now + worker.intervals[name]
                 result = self.guarded(task, name)
-                if isinstance(result, int) and result and name != "flush_stale":
+                if isinstance(result, int) and result:
                     log.info("maintenance %s: %d jobs", name, result)
                     if name == "recover" and worker.metrics is not None:
                         worker.metrics.recovered.inc(result)

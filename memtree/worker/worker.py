@@ -33,7 +33,6 @@ from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, check_kind
 from memtree.worker.aio import AsyncExecutor
 from memtree.worker.completer import DEFAULT_MAX_INFRASTRUCTURE_RELEASES, Completer
 from memtree.worker.context import (
-    DEFAULT_GATES,
     AsyncHandler,
     Gate,
     Handler,
@@ -58,7 +57,7 @@ class Worker:
     thread, or an ``async def``, run on an event loop).
 
     - ``concurrency``: jobs run at once; the worker never holds more claims than this.
-    - ``gates``: concurrency limits shared by kinds (the LLM gate by default; ``()`` for none).
+    - ``gates``: concurrency limits shared by kinds (none by default).
     - ``lock_duration_ms``: the lease of a claim (the queue's by default), extended every
       ``heartbeat_interval_ms`` (a third of the lease by default) while a handler runs.
     - ``poll_interval_s``: how soon an idle worker notices work another process enqueued
@@ -68,6 +67,8 @@ class Worker:
       done rows), ``prune_interval_s``: maintenance.
     - ``self_heal_limit``: how many times self-heal revives one failed job (3 by default;
       0 turns self-heal off). A job failed after that many heals stays failed.
+    - ``upkeep``: the application's own periodic tasks, ``(name, interval_s, task)``; the
+      worker calls ``task(queue)`` every ``interval_s`` with its maintenance.
     - ``max_infrastructure_releases``: runs of one job in a row released without spending
       an attempt because the database could not be reached (:func:`is_infrastructure_error`);
       the next such run counts as a failure (10 by default; 0 counts every one).
@@ -84,7 +85,7 @@ class Worker:
         handlers: Mapping[str, Handler | AsyncHandler],
         *,
         concurrency: int = 4,
-        gates: Iterable[Gate] = DEFAULT_GATES,
+        gates: Iterable[Gate] = (),
         lock_duration_ms: int | None = None,
         heartbeat_interval_ms: int | None = None,
         poll_interval_s: float | None = None,
@@ -93,13 +94,13 @@ class Worker:
         self_heal_interval_s: float = 600.0,
         self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
         max_infrastructure_releases: int = DEFAULT_MAX_INFRASTRUCTURE_RELEASES,
-        flush_stale_interval_s: float = 60.0,
         retention_ms: int | None = 7 * 24 * 60 * 60 * 1000,
         prune_interval_s: float = 600.0,
         session_factory: Callable[[], Session] | None = None,
         async_session_factory: Callable[[], AsyncSession] | None = None,
         name: str | None = None,
         metrics: Metrics | None = None,
+        upkeep: Iterable[tuple[str, float, Callable[[Queue], object]]] = (),
     ) -> None:
         if not isinstance(queue, Queue):
             raise ConfigurationError("Worker needs a memtree.Queue")
@@ -107,7 +108,7 @@ class Worker:
             raise ConfigurationError("Worker needs a non-empty mapping of kind -> handler")
         for kind, handler in handlers.items():
             try:
-                check_kind(kind)
+                check_kind(kind, queue.retired_kinds)
             except ValueError as exc:
                 raise ConfigurationError(f"handler kind: {exc}") from None
             check_handler(kind, handler)
@@ -158,9 +159,14 @@ class Worker:
             if recover_interval_s is None
             else seconds("recover_interval_s", recover_interval_s),
             "self_heal": seconds("self_heal_interval_s", self_heal_interval_s),
-            "flush_stale": seconds("flush_stale_interval_s", flush_stale_interval_s),
             "prune": seconds("prune_interval_s", prune_interval_s),
         }
+        self.upkeep: dict[str, Callable[[Queue], object]] = {}
+        for task_name, interval_s, task in upkeep:
+            if task_name in self.intervals or not callable(task):
+                raise ConfigurationError(f"upkeep {task_name!r} needs its own name and a callable")
+            self.intervals[task_name] = seconds(f"upkeep {task_name!r} interval", interval_s)
+            self.upkeep[task_name] = task
         self.retention_ms = (
             None if retention_ms is None else positive_int("retention_ms", retention_ms)
         )

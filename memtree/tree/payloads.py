@@ -4,17 +4,17 @@ Each class serialises to exactly the JSON shape the original crate's serde types
 write (optional fields present as ``null``, tagged unions under ``"kind"``) and
 builds the same dedupe key, so a Rust producer and a Python producer share one
 table and suppress each other's duplicates. ``from_wire`` parses the shape back
-for handlers.
+for handlers. :class:`~memtree.types.Payload`, the base class, is the core's (re-exported here).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from memtree.errors import InvalidJobError
+from memtree.types import Payload
 
 __all__ = [
     "AppendBufferPayload",
@@ -54,16 +54,6 @@ def _field(data: object, name: str) -> Any:
     if name not in data:
         raise InvalidJobError(f"payload is missing {name!r}")
     return data[name]
-
-
-class Payload(ABC):
-    """A typed payload: its wire JSON value and its dedupe key."""
-
-    @abstractmethod
-    def to_wire(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def dedupe_key(self) -> str: ...
 
 
 # -- node and target references ------------------------------------------------------
