@@ -27,7 +27,7 @@ from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
-from memtree import migration, store
+from memtree import dberrors, migration, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
@@ -46,6 +46,14 @@ def _safe_url(url: str) -> str:
         return "<unparseable URL>"
 
 
+def _one_line(error: Exception) -> str:
+    """The first line of an error; a driver's error is translated as the store would."""
+    if isinstance(error, sa_exc.DBAPIError):
+        error = dberrors.translate(error)
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"database error: {line}" if isinstance(error, DatabaseError) else line
+
+
 def _one_line_errors(func: F) -> F:
     """Report memtree, Alembic and database errors as one line and exit 1."""
 
@@ -53,15 +61,10 @@ def _one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except DatabaseError as exc:
-            raise click.ClickException(f"database error: {str(exc).splitlines()[0]}") from None
-        except (MemtreeError, CommandError) as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+        except (MemtreeError, CommandError, sa_exc.DBAPIError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
         except sa_exc.ArgumentError as exc:
             raise click.ClickException(f"bad database URL: {exc}") from None
-        except sa_exc.DBAPIError as exc:
-            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-            raise click.ClickException(f"database error: {detail}") from None
         except ModuleNotFoundError as exc:
             raise click.ClickException(f"a database driver is missing: {exc.name}") from None
 
