@@ -13,10 +13,12 @@ database error: whoever runs the schedule decides how to survive one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from memtree.config import positive_int, seconds
+from memtree.errors import ConfigurationError
 from memtree.queue import Queue
 from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, JobStatus, NewJob
 
@@ -113,7 +115,8 @@ class Upkeep:
 
     Each turn the loop calls :meth:`run_due`; every task whose interval has passed since
     it last ran (every task, the first time) runs once, in the order recover, self-heal,
-    ``flush_stale`` (only with ``flush_stale_interval_s``), prune (only with
+    the ``periodic`` tasks of the application (``(name, interval_s, task)``, each task
+    called with the queue, such as :func:`enqueue_flush_stale`), prune (only with
     ``retention_ms``: done rows completed longer ago, at most :data:`PRUNE_MAX_CHUNKS`
     chunks a pass). :meth:`next_due` tells an idle loop how long it may sleep.
     """
@@ -125,7 +128,7 @@ class Upkeep:
         recover_interval_s: float,
         self_heal_interval_s: float,
         prune_interval_s: float,
-        flush_stale_interval_s: float | None = None,
+        periodic: Iterable[tuple[str, float, Callable[[Queue], object]]] = (),
         self_heal_limit: int = DEFAULT_SELF_HEAL_LIMIT,
         retention_ms: int | None = None,
         metrics: Metrics | None = None,
@@ -139,11 +142,10 @@ class Upkeep:
                 lambda: self_heal(queue, limit),
             ),
         }
-        if flush_stale_interval_s is not None:
-            self._tasks["flush_stale"] = (
-                seconds("flush_stale_interval_s", flush_stale_interval_s),
-                lambda: enqueue_flush_stale(queue),
-            )
+        for name, interval_s, task in periodic:
+            if name in self._tasks or name == "prune":
+                raise ConfigurationError(f"two upkeep tasks are named {name!r}")
+            self._tasks[name] = (seconds(f"{name} interval", interval_s), partial(task, queue))
         if retention_ms is not None:
             retention = positive_int("retention_ms", retention_ms)
             self._tasks["prune"] = (prune_s, lambda: prune(queue, queue.now_ms() - retention))

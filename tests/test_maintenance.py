@@ -226,7 +226,9 @@ def upkeep(queue: Queue, **settings: Any) -> Upkeep:
 
 
 def test_the_schedule_runs_every_task_at_first_then_each_on_its_interval(queue: Queue) -> None:
-    schedule = upkeep(queue, flush_stale_interval_s=60.0, retention_ms=1000)
+    schedule = upkeep(
+        queue, periodic=[("flush_stale", 60.0, enqueue_flush_stale)], retention_ms=1000
+    )
     runner = Runner()
     assert schedule.next_due() is None, "nothing scheduled before the first turn"
     schedule.run_due(100.0, runner)
@@ -240,7 +242,7 @@ def test_the_schedule_runs_every_task_at_first_then_each_on_its_interval(queue: 
     assert schedule.next_due() == 106.5
 
 
-def test_the_schedule_leaves_out_flush_stale_and_prune_unless_asked(queue: Queue) -> None:
+def test_the_schedule_runs_no_periodic_task_and_no_prune_unless_asked(queue: Queue) -> None:
     runner = Runner()
     upkeep(queue).run_due(0.0, runner)
     assert runner.ran == ["recover", "self_heal"]
@@ -290,11 +292,15 @@ def test_the_schedule_prunes_past_retention_recovers_counts_and_logs(
         {"recover_interval_s": 0},
         {"self_heal_interval_s": -1.0},
         {"prune_interval_s": float("nan")},
-        {"flush_stale_interval_s": 0},
+        {"periodic": [("flush_stale", 0, enqueue_flush_stale)]},
+        {"periodic": [("recover", 1.0, enqueue_flush_stale)]},
         {"retention_ms": 0},
         {"self_heal_limit": -1},
     ],
 )
 def test_the_schedule_is_validated_when_it_is_built(queue: Queue, setting: dict[str, Any]) -> None:
-    with pytest.raises(ConfigurationError, match=next(iter(setting))):
+    name = next(iter(setting))
+    with pytest.raises(
+        ConfigurationError, match="recover|flush_stale" if name == "periodic" else name
+    ):
         upkeep(queue, **setting)
