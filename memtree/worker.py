@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from memtree import settle, store, tracing, wakeup
 from memtree.config import positive_int, seconds
+from memtree.dberrors import classify_error, is_infrastructure_error
 from memtree.engine import configure_engine, handler_connection, sqlite_file
 from memtree.errors import (
     ConfigurationError,
@@ -40,6 +41,7 @@ from memtree.errors import (
     DatabaseFileChangedError,
     MemtreeError,
 )
+from memtree.maintenance import Upkeep, enqueue_flush_stale
 from memtree.queue import Queue
 from memtree.redact import scrub
 from memtree.types import (
@@ -50,7 +52,6 @@ from memtree.types import (
     SettledBatch,
     backoff_ms,
     check_kind,
-    find_failure,
 )
 
 if TYPE_CHECKING:
@@ -309,104 +310,6 @@ class Handlers(dict[str, Handler]):
         return decorate
 
 
-def classify_error(error: BaseException) -> tuple[str, float]:
-    """How the loop backs off after a database error: (label, seconds), the original's table."""
-    cause: BaseException = error
-    while isinstance(cause, DatabaseError | MemtreeError) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, sa_exc.DBAPIError) and cause.orig is not None:
-        cause = cause.orig
-    text = f"{type(cause).__name__} {cause}".lower()
-    if "disk is full" in text or "no space left" in text or "diskfull" in text:
-        return "disk full", 30.0
-    if "locked" in text or "busy" in text:
-        return "busy", 0.1
-    operational = isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
-        isinstance(error.__cause__, sa_exc.OperationalError | sa_exc.InterfaceError)
-    )
-    if operational or "i/o" in text or "connection" in text or "server closed" in text:
-        return "I/O", 1.0
-    return "other", 0.5
-
-
-# What a connection failure says, lowercased, where the driver gives no code for it: psycopg
-# at connect ("connection failed: ... too many clients", "Connection refused") and on a
-# dropped connection, SQLite when its file cannot be opened or read.
-_CONNECTION_FAILURE_TEXT = (
-    "connection failed",
-    "could not connect",
-    "connection refused",
-    "too many clients",
-    "too many connections",
-    "remaining connection slots",
-    "server closed the connection",
-    "terminating connection",
-    "the database system is",
-    "connection is closed",
-    "connection already closed",
-    "no connection to the server",
-    "consuming input failed",
-    "could not receive data",
-    "could not send data",
-    "ssl syscall error",
-    "unable to open database file",
-    "disk i/o error",
-)
-# SQLSTATEs of a connection that failed or was taken away: class 08 (connection
-# exception), too_many_connections, admin/crash shutdown, cannot_connect_now.
-_CONNECTION_SQLSTATES = ("53300", "57P01", "57P02", "57P03")
-
-
-def _is_connection_failure(error: BaseException) -> bool:
-    if isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
-        return True  # a pooled connection found dead, or no connection to be had
-    if not isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
-        return False
-    if error.connection_invalidated:
-        return True  # SQLAlchemy's dialect recognised a disconnect
-    orig = error.orig
-    sqlstate = getattr(orig, "sqlstate", None)
-    if isinstance(sqlstate, str) and (
-        sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
-    ):
-        return True
-    sqlite_name = getattr(orig, "sqlite_errorname", None)
-    if isinstance(sqlite_name, str) and (
-        sqlite_name == "SQLITE_CANTOPEN" or sqlite_name.startswith("SQLITE_IOERR")
-    ):
-        return True
-    text = str(orig).lower()
-    return any(phrase in text for phrase in _CONNECTION_FAILURE_TEXT)
-
-
-def is_infrastructure_error(error: BaseException) -> bool:
-    """True when a run failed because the database could not be reached, not because of
-    the job: a connection that could not be opened (refused, too many clients, the server
-    starting or stopping, a SQLite file that cannot be opened or read) or that was lost
-    (server closed it, admin shutdown), anywhere in the error's cause/context chain, as
-    SQLAlchemy raised it or as memtree's :class:`DatabaseError` wraps it.
-
-    This is the one place that decides it. A run that fails this way is released without
-    spending an attempt; any other error is the job's own. A :class:`JobFailure` in the
-    chain is the handler's own verdict and wins.
-    """
-    if find_failure(error) is not None:
-        return False
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if _is_connection_failure(current):
-            return True
-        if current.__cause__ is not None:
-            current = current.__cause__
-        elif current.__suppress_context__:
-            current = None
-        else:
-            current = current.__context__
-    return False
-
-
 class _DatabaseFile:
     """The SQLite file behind an engine, known by its device and inode.
 
@@ -627,7 +530,18 @@ class Worker:
         self._tasks: queue_module.SimpleQueue[_Running | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._settled = 0
-        self._due: dict[str, float] = {}
+        self._upkeep = Upkeep(
+            queue,
+            recover_interval_s=self.intervals["recover"],
+            self_heal_interval_s=self.intervals["self_heal"],
+            prune_interval_s=self.intervals["prune"],
+            periodic=[("flush_stale", self.intervals["flush_stale"], enqueue_flush_stale)]
+            if JobKind.FLUSH_STALE in self.handlers
+            else (),
+            self_heal_limit=self_heal_limit,
+            retention_ms=self.retention_ms,
+            metrics=metrics,
+        )
         self._next_heartbeat = 0.0
         self._next_cancel_check = 0.0
         self._listener: wakeup.Listener | None = None
@@ -829,7 +743,9 @@ class Worker:
         whether a job this worker could claim is due already."""
         now = time.monotonic()
         deadlines = [self._next_heartbeat] if self.running_jobs else []
-        deadlines.extend(self._due.values())
+        upkeep_due = self._upkeep.next_due()
+        if upkeep_due is not None:
+            deadlines.append(upkeep_due)
         if self._free_slots() > 0:
             kinds = self._claimable_kinds()
             due_ms = self._guarded(lambda: self.queue.next_due_ms(kinds), "poll") if kinds else None
@@ -1209,36 +1125,7 @@ class Worker:
     # -- maintenance -------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        now = time.monotonic()
-        tasks: dict[str, Callable[[], object]] = {
-            "recover": self.queue.recover_stale_locks,
-            "self_heal": lambda: self.queue.requeue_transient_failed(self.self_heal_limit),
-        }
-        if JobKind.FLUSH_STALE in self.handlers:
-            tasks["flush_stale"] = lambda: self.queue.enqueue(
-                NewJob.flush_stale(self.queue.now_ms())
-            )
-        if self.retention_ms is not None:
-            tasks["prune"] = self._prune
-        for name, task in tasks.items():
-            if now >= self._due.get(name, 0.0):
-                self._due[name] = now + self.intervals[name]
-                result = self._guarded(task, name)
-                if isinstance(result, int) and result and name != "flush_stale":
-                    log.info("maintenance %s: %d jobs", name, result)
-                    if name == "recover" and self.metrics is not None:
-                        self.metrics.recovered.inc(result)
-
-    def _prune(self) -> int:
-        assert self.retention_ms is not None
-        cutoff = self.queue.now_ms() - self.retention_ms
-        total = 0
-        for _ in range(100):  # at most a million rows a pass; the next pass goes on
-            pruned = self.queue.prune("done", cutoff)
-            total += pruned
-            if pruned < 10_000:
-                break
-        return total
+        self._upkeep.run_due(time.monotonic(), self._guarded)
 
     # -- errors ------------------------------------------------------------------------
 
