@@ -27,7 +27,7 @@ from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
-from memtree import migration, store
+from memtree import dberrors, maintenance, migration, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.queue import Queue
@@ -46,6 +46,14 @@ def _safe_url(url: str) -> str:
         return "<unparseable URL>"
 
 
+def _one_line(error: Exception) -> str:
+    """The first line of an error; a driver's error is translated as the store would."""
+    if isinstance(error, sa_exc.DBAPIError):
+        error = dberrors.translate(error)
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"database error: {line}" if isinstance(error, DatabaseError) else line
+
+
 def _one_line_errors(func: F) -> F:
     """Report memtree, Alembic and database errors as one line and exit 1."""
 
@@ -53,15 +61,10 @@ def _one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except DatabaseError as exc:
-            raise click.ClickException(f"database error: {str(exc).splitlines()[0]}") from None
-        except (MemtreeError, CommandError) as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+        except (MemtreeError, CommandError, sa_exc.DBAPIError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
         except sa_exc.ArgumentError as exc:
             raise click.ClickException(f"bad database URL: {exc}") from None
-        except sa_exc.DBAPIError as exc:
-            detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-            raise click.ClickException(f"database error: {detail}") from None
         except ModuleNotFoundError as exc:
             raise click.ClickException(f"a database driver is missing: {exc.name}") from None
 
@@ -789,8 +792,7 @@ def jobs_retry(obj: Context, job_id: str | None, all_failed: bool, transient_onl
                 f"job {job_id} is {job.status.value}: only failed or cancelled jobs whose "
                 "dedupe key is free can be retried"
             )
-        # An operator's retry, not a self-heal: unbounded, and heal counts start over.
-        count = queue.requeue_transient_failed(None) if transient_only else queue.requeue_failed()
+        count = maintenance.retry_failed(queue, transient_only=transient_only)
     click.echo(f"requeued {count} jobs")
 
 
@@ -829,19 +831,22 @@ def jobs_cancel(obj: Context, job_id: str) -> None:
 @_one_line_errors
 def jobs_prune(obj: Context, older_than: int, status_: str, batch: int) -> None:
     """Delete finished jobs completed longer ago than --older-than, in batches."""
-    total = 0
     with _open_queue(obj) as queue:
         cutoff = queue.now_ms() - older_than
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True)
         ) as progress:
             task = progress.add_task(f"pruning {status_} jobs", total=None)
-            while True:
-                pruned = queue.prune(status_, cutoff, limit=batch)
-                total += pruned
-                progress.update(task, description=f"pruned {total} {status_} jobs")
-                if pruned < batch:
-                    break
+            total = maintenance.prune(
+                queue,
+                cutoff,
+                status_,
+                chunk_rows=batch,
+                max_chunks=None,
+                on_chunk=lambda pruned: progress.update(
+                    task, description=f"pruned {pruned} {status_} jobs"
+                ),
+            )
     click.echo(f"pruned {total} {status_} jobs completed before {_iso(cutoff)}")
 
 
@@ -851,7 +856,7 @@ def jobs_prune(obj: Context, older_than: int, status_: str, batch: int) -> None:
 def jobs_purge_retired(obj: Context) -> None:
     """Delete jobs of retired kinds (topic_route, digest_daily)."""
     with _open_queue(obj) as queue:
-        click.echo(f"purged {queue.purge_retired_jobs()} retired jobs")
+        click.echo(f"purged {maintenance.purge_retired(queue)} retired jobs")
 
 
 @main.command()
@@ -860,7 +865,7 @@ def jobs_purge_retired(obj: Context) -> None:
 def recover(obj: Context) -> None:
     """Return jobs whose lease expired to ready now (workers also do it every 30 s)."""
     with _open_queue(obj) as queue:
-        click.echo(f"recovered {queue.recover_stale_locks()} jobs")
+        click.echo(f"recovered {maintenance.recover(queue)} jobs")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,14 +15,20 @@ The hierarchy::
     └── DatabaseError            the database failed underneath an operation
         └── DatabaseFileChangedError  a worker's SQLite file was deleted or replaced
 
-Driver exceptions are translated once, at the store boundary, into
-:class:`SchemaMissingError` (when the table is absent) or :class:`DatabaseError`
-(with the original exception as ``__cause__``). :class:`JobFailure`, which handlers
+Driver exceptions are translated once, at the store boundary, by
+:func:`memtree.dberrors.translate`: into :class:`SchemaMissingError` (when the table is
+absent) or :class:`DatabaseError` (with the original exception as ``__cause__`` and what
+it means as ``fault``). :class:`JobFailure`, which handlers
 raise to classify a failure, lives in :mod:`memtree.types`: it is a value the queue
 records, not an error of memtree's own.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memtree.dberrors import Fault
 
 __all__ = [
     "ConfigurationError",
@@ -116,7 +122,15 @@ class UnsupportedDatabaseError(MemtreeError):
 
 
 class DatabaseError(MemtreeError):
-    """The database failed underneath a memtree operation (see ``__cause__``)."""
+    """The database failed underneath a memtree operation (see ``__cause__``).
+
+    ``fault`` is what :mod:`memtree.dberrors` made of the driver's error when it was
+    translated (None when memtree raised this without one), so nobody reads its text again.
+    """
+
+    def __init__(self, *args: object, fault: Fault | None = None) -> None:
+        super().__init__(*args)
+        self.fault = fault
 
 
 class DatabaseFileChangedError(DatabaseError):

@@ -53,15 +53,10 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
+from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
-from memtree.errors import (
-    CorruptJobError,
-    DatabaseError,
-    InvalidJobError,
-    MemtreeError,
-    SchemaMissingError,
-)
-from memtree.models import TABLE_NAME, MemTreeJob, jobs
+from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
+from memtree.models import MemTreeJob, jobs
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -139,29 +134,15 @@ def dialect_of(executor: Executor) -> Dialect:
 
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn driver errors into memtree's: a missing table is a schema error, the rest
-    a :class:`DatabaseError` with the driver's exception as its cause."""
+    """Turn driver errors into memtree's (see :func:`memtree.dberrors.translate`): a missing
+    table is a schema error, the rest a :class:`DatabaseError` with the driver's exception
+    as its cause and its :class:`~memtree.dberrors.Fault`."""
     try:
         yield
     except MemtreeError:
         raise
     except sa_exc.DBAPIError as exc:
-        text = str(exc.orig).lower()
-        missing = (
-            f"no such table: {TABLE_NAME}" in text
-            or f'relation "{TABLE_NAME}" does not exist' in text
-            or "no such column: lease_token" in text
-            or 'column "lease_token" does not exist' in text
-            or "no such column: cancel_requested_at_ms" in text
-            or 'column "cancel_requested_at_ms" does not exist' in text
-            or "no such column: heal_count" in text
-            or 'column "heal_count" does not exist' in text
-            or "no such column: failure_" in text
-            or ('column "failure_' in text and "does not exist" in text)
-        )
-        if missing:
-            raise SchemaMissingError(str(exc.orig).strip()) from exc
-        raise DatabaseError(f"{type(exc.orig).__name__}: {str(exc.orig).strip()}") from exc
+        raise dberrors.translate(exc) from exc
 
 
 # -- enqueue -------------------------------------------------------------------------

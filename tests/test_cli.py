@@ -68,6 +68,15 @@ def test_unreachable_database_is_one_line_without_the_password() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_driver_error_reads_the_same_from_a_schema_command_and_a_queue_command() -> None:
+    """``db current`` meets the raw driver error, ``status`` the queue's translation of it."""
+    url = "postgresql://root@127.0.0.1:1/db"
+    schema, queue = run("db", "current", url=url), run("status", url=url)
+    assert schema.returncode == queue.returncode == 1
+    assert schema.stderr == queue.stderr
+    assert schema.stderr.startswith("Error: database error: OperationalError: ")
+
+
 def test_bad_url_and_unsupported_database_are_one_line_errors() -> None:
     bad = run("db", "upgrade", url="not a url")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr

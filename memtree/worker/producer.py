@@ -16,12 +16,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 
-from memtree import tracing, wakeup
+from memtree import maintenance, tracing, wakeup
 from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
 from memtree.redact import scrub
 from memtree.types import Job
@@ -82,7 +81,6 @@ class Producer:
         self.database_lost: DatabaseFileChangedError | None = None
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, self.concurrency // 4)
-        self._due: dict[str, float] = {}
         self._next_heartbeat = 0.0
         self._next_cancel_check = 0.0
         self.listener: wakeup.Listener | None = None
@@ -280,7 +278,9 @@ class Producer:
         whether a job this worker could claim is due already."""
         now = time.monotonic()
         deadlines = [self._next_heartbeat] if self.running_jobs else []
-        deadlines.extend(self._due.values())
+        upkeep_due = self.worker.upkeep_schedule.next_due()
+        if upkeep_due is not None:
+            deadlines.append(upkeep_due)
         with self._lock:
             free = self.concurrency - len(self._running)
         if free > 0:
@@ -379,35 +379,7 @@ class Producer:
     # -- maintenance -------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        worker = self.worker
-        now = time.monotonic()
-        tasks: dict[str, Callable[[], object]] = {
-            "recover": self.queue.recover_stale_locks,
-            "self_heal": lambda: self.queue.requeue_transient_failed(worker.self_heal_limit),
-        }
-        for task_name, upkeep_task in worker.upkeep.items():
-            tasks[task_name] = partial(upkeep_task, self.queue)
-        if worker.retention_ms is not None:
-            tasks["prune"] = self._prune
-        for name, task in tasks.items():
-            if now >= self._due.get(name, 0.0):
-                self._due[name] = now + worker.intervals[name]
-                result = self.guarded(task, name)
-                if isinstance(result, int) and result:
-                    log.info("maintenance %s: %d jobs", name, result)
-                    if name == "recover" and worker.metrics is not None:
-                        worker.metrics.recovered.inc(result)
-
-    def _prune(self) -> int:
-        assert self.worker.retention_ms is not None
-        cutoff = self.queue.now_ms() - self.worker.retention_ms
-        total = 0
-        for _ in range(100):  # at most a million rows a pass; the next pass goes on
-            pruned = self.queue.prune("done", cutoff)
-            total += pruned
-            if pruned < 10_000:
-                break
-        return total
+        self.worker.upkeep_schedule.run_due(time.monotonic(), self.guarded)
 
     # -- errors ------------------------------------------------------------------------
 
@@ -488,7 +460,7 @@ class Producer:
                 len(unfinished),
             )
         elif unfinished:
-            released = self.guarded(lambda: self.queue.release_running_locks(unfinished), "release")
+            released = self.guarded(lambda: maintenance.release(self.queue, unfinished), "release")
             log.warning(
                 "shutdown grace over: released %s of %d running jobs", released, len(unfinished)
             )

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import Session
 
+from memtree import maintenance
 from memtree.config import positive_int, seconds
 from memtree.errors import ConfigurationError
+from memtree.maintenance import Upkeep
 from memtree.queue import Queue
 from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, check_kind
 from memtree.worker.aio import AsyncExecutor
@@ -170,6 +172,16 @@ class Worker:
         self.retention_ms = (
             None if retention_ms is None else positive_int("retention_ms", retention_ms)
         )
+        self.upkeep_schedule = Upkeep(
+            queue,
+            recover_interval_s=self.intervals["recover"],
+            self_heal_interval_s=self.intervals["self_heal"],
+            prune_interval_s=self.intervals["prune"],
+            periodic=[(name, self.intervals[name], task) for name, task in self.upkeep.items()],
+            self_heal_limit=self.self_heal_limit,
+            retention_ms=self.retention_ms,
+            metrics=metrics,
+        )
         self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
         self.session_factory = session_opener(queue, session_factory)
@@ -219,7 +231,7 @@ class Worker:
         producer = self.producer
         try:
             self._start(listen=True, loop=loop)
-            producer.guarded(self.queue.purge_retired_jobs, "purge retired jobs")
+            producer.guarded(lambda: maintenance.purge_retired(self.queue), "purge retired jobs")
             producer.loop(until_idle=False)
         finally:
             producer.shutdown(self.shutdown_grace_s)
