@@ -20,6 +20,7 @@ default; ``postgresql://...`` works the same).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,10 +59,9 @@ class OutboxEmail(Base):
     subject: Mapped[str] = mapped_column(String(200))
 
 
-# The application's own engine and sessions, built its way; memtree uses them as they are.
-engine = memtree.create_engine(DATABASE_URL)
-# On SQLite, memtree.configure_engine gives the app's async engine a busy timeout, so a
-# request waits for the worker's write instead of failing "database is locked".
+# The application's own async engine and sessions, built its way. On SQLite,
+# memtree.configure_engine gives its connections a busy timeout, so a request waits for
+# the worker's write instead of failing "database is locked".
 async_engine = memtree.configure_engine(create_async_engine(memtree.async_url(DATABASE_URL)))
 Sessions = async_sessionmaker(async_engine, expire_on_commit=False)
 
@@ -79,13 +79,14 @@ async def send_welcome(ctx: AsyncJobContext) -> None:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    queue = Queue(engine)
-    queue.migrate()  # in production: `memtree db upgrade` in CI
-    Base.metadata.create_all(engine)
+    queue = Queue(async_engine)  # memtree's own statements get a sync engine to the same db
+    await asyncio.to_thread(queue.migrate)  # in production: `memtree db upgrade` in CI
+    async with async_engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
     async with Worker(queue, handlers, gates=(), concurrency=8):
         yield
+    queue.close()
     await async_engine.dispose()
-    engine.dispose()
 
 
 app = FastAPI(lifespan=lifespan)

@@ -4,7 +4,7 @@ Enqueue in the same transaction as your domain writes, claim under leases fenced
 their claim, settle exactly once. SQLite by default, PostgreSQL to scale.
 """
 
-from memtree.engine import async_url, configure_engine, create_engine
+from memtree.engine import async_url, configure_engine, create_engine, sync_url
 from memtree.errors import (
     ConfigurationError,
     CorruptJobError,
@@ -78,6 +78,7 @@ __all__ = [
     "enqueue_async",
     "enqueue_many",
     "mark_done",
+    "sync_url",
     "wall_clock_ms",
 ]
 

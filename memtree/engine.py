@@ -59,6 +59,7 @@ __all__ = [
     "handler_connection",
     "normalize_url",
     "sqlite_file",
+    "sync_url",
 ]
 
 DEFAULT_DATABASE_URL = "sqlite:///memtree.db"
@@ -124,6 +125,19 @@ def async_url(url: str | URL) -> URL:
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+psycopg")
     raise ConfigurationError(f"memtree knows no async driver for {backend}")
+
+
+def sync_url(url: str | URL) -> URL:
+    """The same database's URL with the synchronous driver memtree uses: pysqlite for
+    SQLite, psycopg 3 for PostgreSQL (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``
+    in, ``sqlite://`` or ``postgresql+psycopg://`` out)."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
 
 
 def sqlite_file(url: str | URL) -> str | None:

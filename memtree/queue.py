@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, scoped_session
 from memtree import migration, settle, store, tracing, wakeup
 from memtree.config import positive_int
 from memtree.dialects import dialect_for
-from memtree.engine import begin_write, configure_engine, create_engine
+from memtree.engine import begin_write, configure_engine, create_engine, sync_url
 from memtree.errors import (
     ConfigurationError,
     SchemaMissingError,
@@ -48,7 +48,12 @@ from memtree.types import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_scoped_session,
+    )
 
 __all__ = [
     "AsyncCallerTransaction",
@@ -103,7 +108,7 @@ class Queue:
 
     def __init__(
         self,
-        bind: Engine | str | URL,
+        bind: Engine | AsyncEngine | str | URL,
         *,
         clock: Clock | None = None,
         lock_duration_ms: int = DEFAULT_LOCK_DURATION_MS,
@@ -127,6 +132,8 @@ class Queue:
         self.retired_kinds = check_kinds("retired_kinds", retired_kinds)
         self.claim_order = check_kinds("claim_order", claim_order, self.retired_kinds)
         self._clock: Clock = clock or wall_clock_ms
+        #: The application's ``AsyncEngine`` when the queue was built on one.
+        self.async_engine: AsyncEngine | None = None
         if isinstance(bind, Engine):
             # The application's own engine gets what memtree needs on SQLite (a busy
             # timeout, WAL unless configure_engine said otherwise); memtree's own does
@@ -136,8 +143,17 @@ class Queue:
         elif isinstance(bind, str | URL):
             self.engine = create_engine(bind)
             self._owns_engine = True
+        elif isinstance(getattr(bind, "sync_engine", None), Engine):
+            # An application with only an async engine: memtree's own statements run on a
+            # synchronous engine to the same database, and async handlers' sessions on
+            # PostgreSQL share the application's engine.
+            self.async_engine = bind
+            self.engine = create_engine(sync_url(bind.url))
+            self._owns_engine = True
         else:
-            raise ConfigurationError(f"bind must be an Engine or a database URL, not {bind!r}")
+            raise ConfigurationError(
+                f"bind must be an Engine, an AsyncEngine or a database URL, not {bind!r}"
+            )
         self._verify_schema = verify_schema
         self._schema_ok = not verify_schema
         self.dialect = dialect_for(self.engine.dialect.name)
@@ -599,7 +615,11 @@ async def enqueue_async(
 ) -> str | None:
     """Enqueue inside the caller's ``AsyncSession``, ``AsyncConnection`` or
     ``async_scoped_session``."""
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncSession,
+        async_scoped_session,
+    )
 
     target: object = executor
     if isinstance(target, async_scoped_session):

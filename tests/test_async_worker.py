@@ -208,3 +208,41 @@ def test_an_async_context_has_no_sync_session(app: Queue) -> None:
     app.enqueue(NewJob("k"))
     assert Worker(app, handlers, gates=()).run_until_idle() == 1
     assert len(errors) == 1 and "AsyncSession" in str(errors[0])
+
+
+async def test_a_queue_on_the_applications_async_engine(engine: Engine, db_url: str) -> None:
+    """An application with only an ``AsyncEngine``: ``Queue(async_engine)`` runs memtree's
+    own statements on a synchronous engine to the same database, and on PostgreSQL its
+    async handlers' sessions share the application's engine."""
+    Base.metadata.create_all(engine)
+    app_engine = memtree.configure_engine(create_async_engine(memtree.async_url(db_url)))
+    queue = Queue(app_engine)
+    await asyncio.to_thread(queue.migrate)
+    binds: list[object] = []
+    handlers = Handlers()
+
+    @handlers.register("visit")
+    async def visit(ctx: AsyncJobContext) -> None:
+        binds.append(ctx.session.bind)
+        ctx.session.add(Visit(job_id=ctx.job.id))
+
+    try:
+        assert queue.async_engine is app_engine and queue.engine.url.drivername in (
+            "sqlite",
+            "postgresql+psycopg",
+        )
+        async with AsyncSession(app_engine) as session, session.begin():
+            job_id = await memtree.enqueue_async(session, NewJob("visit"))
+        async with Worker(queue, handlers, gates=(), poll_interval_s=0.05):
+            await until(lambda: queue.count_by_status(JobStatus.DONE) == 1)
+    finally:
+        queue.close()
+        await app_engine.dispose()
+    assert visits(engine) == [job_id]
+    shared = binds[0] is app_engine
+    assert shared == (engine.dialect.name == "postgresql"), "SQLite's handlers get their own"
+
+
+def test_a_queue_refuses_what_is_not_an_engine_or_a_url() -> None:
+    with pytest.raises(ConfigurationError, match="Engine, an AsyncEngine or a database URL"):
+        Queue(42)  # type: ignore[arg-type]

@@ -92,6 +92,9 @@ class AsyncExecutor:
             ready.wait()
         self.loop = loop
         if self._session_factory is None:
+            shared = self.queue.async_engine
+            if self._engine is None and shared is not None and shared.dialect.name != "sqlite":
+                self._engine = shared  # the application's own pool (SQLite needs its own)
             if self._engine is None:
                 self._engine = async_engine_for(self.queue.engine)
                 self._owns_engine = True
