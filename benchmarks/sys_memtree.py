@@ -15,7 +15,7 @@ from benchmarks import proc
 from benchmarks.dbs import Target
 from benchmarks.settings import KIND, LATENCY_KIND, TX_KIND
 from memtree import NewJob, Queue
-from memtree.worker import Handlers, JobContext, Worker
+from memtree.worker import AsyncJobContext, Handlers, JobContext, Worker
 
 _metadata = MetaData()
 #: The domain table a transactional handler writes one row into (created by the harness).
@@ -99,7 +99,22 @@ def drain_child(spec: dict[str, Any]) -> None:
     engine = engine_for(target)
     queue = Queue(engine)
     handlers = Handlers()
-    if spec["transactional"]:
+    if spec.get("executor") == "asyncio":
+        if spec["transactional"]:
+
+            @handlers.register(TX_KIND)
+            async def write_one_row_async(ctx: AsyncJobContext) -> None:
+                await ctx.session.execute(
+                    EFFECT_INSERT, {"job_id": ctx.job.id, "created_at_ms": time.time_ns() // 10**6}
+                )
+
+        else:
+
+            @handlers.register(KIND)
+            async def noop_async(ctx: AsyncJobContext) -> None:
+                return None
+
+    elif spec["transactional"]:
 
         @handlers.register(TX_KIND)
         def write_one_row(ctx: JobContext) -> None:

@@ -49,6 +49,11 @@ SYSTEMS: dict[str, System] = {
         System("pgqueuer", "postgresql", "pgqueuer", "pgqueuer (asyncpg)", ("pgqueuer", "asyncpg")),
         System("procrastinate", "postgresql", "procrastinate", "procrastinate", ("procrastinate",)),
         System("memtree-sqlite", "sqlite", "memtree", "memtree (SQLite, WAL, NORMAL)"),
+        # The same worker with async def handlers (the asyncio executor); drain only.
+        System("memtree-pg-async", "postgresql", "memtree-async", "memtree, async handlers (PG)"),
+        System(
+            "memtree-sqlite-async", "sqlite", "memtree-async", "memtree, async handlers (SQLite)"
+        ),
         System("floor-sqlite", "sqlite", "floor", "raw-SQL floor (sqlite3, WAL, NORMAL)"),
         System("huey", "sqlite", "huey", "huey SqliteHuey (fsync=False)", ("huey",)),
         System("huey-default", "sqlite", "huey", "huey SqliteHuey (defaults: FULL)", ("huey",)),
@@ -108,7 +113,7 @@ class Run:
         else:
             target = self.databases.sqlite(system)
         try:
-            if spec.family in ("memtree", "floor"):
+            if spec.family in ("memtree", "memtree-async", "floor"):
                 dbs.migrate_memtree(target)
             elif spec.family == "pgqueuer":
                 from benchmarks import sys_pgqueuer
@@ -291,8 +296,9 @@ def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> Me
                 "url": target.url,
                 "transactional": transactional,
             }
-            if family == "memtree":
+            if family in ("memtree", "memtree-async"):
                 role, spec["concurrency"] = "memtree-drain", batch
+                spec["executor"] = "asyncio" if family == "memtree-async" else "threads"
             else:
                 role, spec["batch"] = "floor-drain", batch
             rate = _throughput(proc.run_together(role, [spec] * processes, timeout=1800), jobs)
@@ -387,6 +393,9 @@ def drain(run: Run) -> None:
         family = SYSTEMS[system].family
         if family in ("memtree", "floor"):
             measurements += [_drain_sql(run, system, processes, False) for processes in (1, 2)]
+            measurements.append(_drain_sql(run, system, 1, True))
+        elif family == "memtree-async":
+            measurements.append(_drain_sql(run, system, 1, False))
             measurements.append(_drain_sql(run, system, 1, True))
         elif family == "pgqueuer":
             measurements += [_drain_pgqueuer(run, processes) for processes in (1, 2)]
