@@ -332,6 +332,7 @@ def print_report(console: Console, figures: list[Figure], rows: list[dict[str, A
 
 _COLORS = {
     "memtree": "#2b7bba",
+    "memtree-async": "#6baed6",
     "floor": "#7f7f7f",
     "pgqueuer": "#e08214",
     "procrastinate": "#8c510a",
