@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from memtree import settle, tracing, wakeup
@@ -69,8 +68,8 @@ class AsyncExecutor:
         self._owns_engine = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._tasks: dict[str, tuple[Future[None], threading.Event]] = {}
-        self._lock = threading.Lock()
+        # Job id -> its task; touched only on the loop.
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -132,37 +131,41 @@ class AsyncExecutor:
         assert self.loop is not None and self._session_factory is not None
         return AsyncJobContext(job, self.queue, self._session_factory, self.loop)
 
-    def submit(self, run: Run) -> None:
+    def submit(self, runs: list[Run]) -> None:
+        """Start ``runs`` on the loop: one hand-over for a claimed batch, not one per job."""
         assert self.loop is not None
-        ended = threading.Event()
-        future = asyncio.run_coroutine_threadsafe(self._serve(run, ended), self.loop)
-        with self._lock:
-            self._tasks[run.job.id] = (future, ended)
-        future.add_done_callback(lambda _: self._forget(run.job.id, future))
+        if runs:
+            self.loop.call_soon_threadsafe(self._spawn, runs)
 
-    def _forget(self, job_id: str, future: Future[None]) -> None:
-        with self._lock:
-            entry = self._tasks.get(job_id)
-            if entry is not None and entry[0] is future:
-                del self._tasks[job_id]
+    def _spawn(self, runs: list[Run]) -> None:
+        for run in runs:
+            task = asyncio.ensure_future(self._serve_run(run))
+            self._tasks[run.job.id] = task
+            task.add_done_callback(partial(self._forget, run.job.id))
+
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(job_id) is task:
+            del self._tasks[job_id]
 
     def cancel_running(self, wait_s: float) -> None:
         """Cancel the runs still going (the grace is over) and wait up to ``wait_s`` for
         them to roll back: on SQLite a run that wrote holds the write lock until then,
         and the producer's release of their leases needs it."""
-        with self._lock:
-            entries = list(self._tasks.values())
-        for future, _ in entries:
-            future.cancel()
-        deadline = time.monotonic() + wait_s
-        for _, ended in entries:
-            ended.wait(max(deadline - time.monotonic(), 0))
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
 
-    async def _serve(self, run: Run, ended: threading.Event) -> None:
+        async def cancel_all() -> None:
+            tasks = [task for task in self._tasks.values() if not task.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=wait_s)
+
         try:
-            await self._serve_run(run)
-        finally:
-            ended.set()
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(wait_s + 1)
+        except Exception:  # the loop is gone or stuck: the leases are released anyway
+            log.warning("async runs did not finish cancelling", exc_info=True)
 
     async def _serve_run(self, run: Run) -> None:
         finished: Finished | None = None

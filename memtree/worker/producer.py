@@ -257,11 +257,17 @@ class Producer:
         claimed = 0
         now_ms = queue.now_ms()
         traced = tracing.enabled()
+        on_the_loop: list[Run] = []
         for jobs in batches:
             for job in jobs:
                 self.claimed(job, now_ms)
-                self._dispatch(self.new_run(job, traced))
+                run = self.new_run(job, traced)
+                if self._dispatch(run):
+                    on_the_loop.append(run)
                 claimed += 1
+        if on_the_loop:
+            assert self.aio is not None
+            self.aio.submit(on_the_loop)
         return claimed
 
     def _claimable_kinds(self) -> tuple[str, ...]:
@@ -297,7 +303,9 @@ class Producer:
             return None, False
         return max(min(min(deadlines) - now, self.worker.poll_interval_s), 0.001), False
 
-    def _dispatch(self, run: Run) -> None:
+    def _dispatch(self, run: Run) -> bool:
+        """Count ``run`` as running and hand a sync one to its thread; True for an async
+        one, which the caller hands to the loop with the rest of its batch."""
         with self._lock:
             self._running[run.job.id] = run
             if run.gate is not None:
@@ -305,11 +313,10 @@ class Producer:
             if len(self._running) == 1:
                 self._next_heartbeat = time.monotonic() + self.worker.heartbeat_interval_ms / 1000
         if isinstance(run.context, AsyncJobContext):
-            assert self.aio is not None
-            self.aio.submit(run)
-        else:
-            assert self.threads is not None
-            self.threads.submit(run)
+            return True
+        assert self.threads is not None
+        self.threads.submit(run)
+        return False
 
     # -- watching runs -----------------------------------------------------------------
 
