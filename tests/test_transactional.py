@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-import sqlalchemy
 from sqlalchemy import Engine, String, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -116,10 +115,7 @@ def test_rolled_back_mark_done_leaves_the_job_running(app_queue: Queue, engine: 
 
 
 def _async_url(db_url: str) -> str:
-    url = sqlalchemy.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        return url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return memtree.async_url(db_url).render_as_string(hide_password=False)
 
 
 async def test_enqueue_async_commits_and_rolls_back_with_the_async_session(

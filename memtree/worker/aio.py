@@ -24,11 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from memtree import settle, tracing, wakeup
 from memtree.engine import async_engine_for, async_handler_session
-from memtree.redact import scrub
-from memtree.worker.completer import Finished, fields
+from memtree.worker.completer import Finished, log_uncommitted
 from memtree.worker.context import AsyncHandler, AsyncJobContext
 from memtree.worker.executor import outcome_of, span_attributes
-from memtree.worker.faults import classify_error
 from memtree.worker.outcome import (
     Committed,
     Done,
@@ -235,14 +233,7 @@ class AsyncExecutor:
             await _close(ctx, commit=settled)
         except Exception as exc:
             await _close(ctx, commit=False)
-            label, _ = classify_error(exc)
-            log.warning(
-                "job %s: its completion did not commit (%s: %s)",
-                job.id,
-                label,
-                scrub(str(exc)),
-                extra=fields(job, run.duration_s()),
-            )
+            log_uncommitted(run, exc)
             return exc
         if settled and ctx._followups:
             wakeup.signal(queue.engine)
@@ -262,6 +253,3 @@ async def _close(ctx: Any, *, commit: bool) -> None:
             await session.rollback()
     finally:
         await session.close()
-        release = session.info.pop("memtree.release_connection", None)
-        if release is not None:
-            await release()

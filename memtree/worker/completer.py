@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
@@ -54,9 +54,13 @@ __all__ = [
     "INFRASTRUCTURE_RETRY_CAP_MS",
     "Completer",
     "Finished",
+    "log_uncommitted",
+    "retrying",
 ]
 
 log = logging.getLogger("memtree.worker")
+
+T = TypeVar("T")
 
 #: Runs of one job in a row this worker releases after an infrastructure error, attempt
 #: given back, before the next such run counts as a failure like any other.
@@ -92,6 +96,36 @@ class Finished:
     duration_s: float
 
 
+def retrying(operation: Callable[[], T], tries: int = _SETTLE_TRIES) -> T | None:
+    """A settle, retried through database errors with the backoff their fault names;
+    None if the database stayed away ``tries`` times."""
+    for _ in range(tries):
+        try:
+            return operation()
+        except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
+            label, backoff_s = classify_error(exc)
+            log.warning(
+                "memtree settle failed (%s); retrying in %.1fs: %s",
+                label,
+                backoff_s,
+                scrub(str(exc)),
+            )
+            time.sleep(backoff_s)
+    return None
+
+
+def log_uncommitted(run: Run, error: BaseException) -> None:
+    """A handler's completion did not commit: its writes are gone, the run failed."""
+    label, _ = classify_error(error)
+    log.warning(
+        "job %s: its completion did not commit (%s: %s)",
+        run.job.id,
+        label,
+        scrub(str(error)),
+        extra=fields(run.job, run.duration_s()),
+    )
+
+
 class Completer:
     """Settles runs' outcomes for one worker; thread-safe."""
 
@@ -101,12 +135,10 @@ class Completer:
         *,
         max_infrastructure_releases: int,
         metrics: Metrics | None,
-        stopping: threading.Event,
     ) -> None:
         self.queue = queue
         self.max_infrastructure_releases = max_infrastructure_releases
         self.metrics = metrics
-        self._stopping = stopping
         self._lock = threading.Lock()
         self._pending: list[Finished] = []
         self._since = 0.0
@@ -289,23 +321,16 @@ class Completer:
         Returns True if it matched; when it did not, the job may have been asked to stop:
         then it ends ``cancelled`` in the same transaction (``"cancelled"``); otherwise the
         claim was lost (False). None when the database stayed away."""
-        for _ in range(_SETTLE_TRIES):
-            try:
-                with self.queue.transaction() as conn:
-                    now = self.queue.now_ms()
-                    if statement(conn, now):
-                        return True
-                    return "cancelled" if settle.mark_cancelled(conn, job, now_ms=now) else False
-            except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
-                label, backoff_s = classify_error(exc)
-                log.warning(
-                    "memtree settle failed (%s); retrying in %.1fs: %s",
-                    label,
-                    backoff_s,
-                    scrub(str(exc)),
-                )
-                time.sleep(backoff_s)
-        return None
+
+        def once() -> bool | str:
+            with self.queue.transaction() as conn:
+                now = self.queue.now_ms()
+                if statement(conn, now):
+                    return True
+                return "cancelled" if settle.mark_cancelled(conn, job, now_ms=now) else False
+
+        result: bool | str | None = retrying(once)
+        return result
 
     def _record(
         self, job: Job, ending: Ending, settled: bool | str | None, duration: float

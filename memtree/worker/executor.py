@@ -22,10 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from memtree import settle, store, tracing, wakeup
 from memtree.engine import configure_engine, handler_connection
 from memtree.queue import Queue
-from memtree.redact import scrub
-from memtree.worker.completer import Finished, fields
+from memtree.worker.completer import Finished, log_uncommitted
 from memtree.worker.context import Defer, Handler, JobContext
-from memtree.worker.faults import classify_error
 from memtree.worker.outcome import (
     Chain,
     Committed,
@@ -210,14 +208,7 @@ class ThreadExecutor:
         except Exception as exc:
             # The transaction is gone with the handler's writes: run the job again later.
             close_session(ctx, commit=False)
-            label, _ = classify_error(exc)
-            log.warning(
-                "job %s: its completion did not commit (%s: %s)",
-                job.id,
-                label,
-                scrub(str(exc)),
-                extra=fields(job, run.duration_s()),
-            )
+            log_uncommitted(run, exc)
             return exc
         chain.follower = follower
         if follower is not None:

@@ -24,7 +24,7 @@ from memtree import maintenance, tracing, wakeup
 from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
 from memtree.redact import scrub
 from memtree.types import Job
-from memtree.worker.completer import Completer, Finished
+from memtree.worker.completer import Completer, Finished, retrying
 from memtree.worker.context import AsyncJobContext, Gate, JobContext
 from memtree.worker.dbfile import DatabaseFile
 from memtree.worker.faults import classify_error
@@ -46,7 +46,7 @@ ClaimPlan = list[tuple[Gate | None, int, tuple[str, ...]]]
 class Producer:
     """Claims, dispatches and watches the runs of one :class:`~memtree.worker.Worker`."""
 
-    def __init__(self, worker: Worker, completer: Completer) -> None:
+    def __init__(self, worker: Worker, completer: Completer, stopping: threading.Event) -> None:
         self.worker = worker
         self.queue = worker.queue
         self.completer = completer
@@ -74,7 +74,7 @@ class Producer:
 
         self._lock = threading.Lock()
         self.wake = threading.Event()
-        self.stopping = completer._stopping
+        self.stopping = stopping
         self._running: dict[str, Run] = {}
         self._gate_busy: dict[str, int] = {gate.name: 0 for gate in worker.gates}
         self._database_file = DatabaseFile.of(self.queue.engine)
@@ -415,23 +415,8 @@ class Producer:
         taken = self.completer.take(now=True, batch=1)
         if not taken:
             return
-        queue = self.queue
-        result = None
-        for _ in range(5):
-            try:
-                result, _ = queue.complete_and_claim(
-                    [(item.job, item.followups) for item in taken], (), 0
-                )
-                break
-            except (DatabaseError, sa_exc.SQLAlchemyError) as exc:
-                label, backoff_s = classify_error(exc)
-                log.warning(
-                    "memtree settle failed (%s); retrying in %.1fs: %s",
-                    label,
-                    backoff_s,
-                    scrub(str(exc)),
-                )
-                time.sleep(backoff_s)
+        done = [(item.job, item.followups) for item in taken]
+        result = retrying(lambda: self.queue.complete_and_claim(done, (), 0)[0])
         self.completer.record_batch(taken, result)
 
     def shutdown(self, grace_s: float) -> None:

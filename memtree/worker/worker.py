@@ -201,9 +201,8 @@ class Worker:
             queue,
             max_infrastructure_releases=self.max_infrastructure_releases,
             metrics=metrics,
-            stopping=self._stopping,
         )
-        self.producer = Producer(self, self.completer)
+        self.producer = Producer(self, self.completer, self._stopping)
         sync_handlers = {
             k: cast(Handler, h) for k, h in self.handlers.items() if k not in self.async_kinds
         }
