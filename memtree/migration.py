@@ -37,7 +37,7 @@ from sqlalchemy import table as table_clause
 
 from memtree.engine import begin_write
 from memtree.errors import SchemaError
-from memtree.models import TABLE_NAME, Base
+from memtree.models import RATE_EVENTS_TABLE, SCHEDULES_TABLE, TABLE_NAME, Base
 
 __all__ = [
     "BRANCH_LABEL",
@@ -67,8 +67,10 @@ BRANCH_LABEL = "memtree"
 HOST_VERSION_TABLE = "alembic_version"
 # Any constant works; it only has to be the same in every memtree process.
 _PG_MIGRATION_LOCK = 0x6D656D74  # "memt"
-#: The tables memtree's schema consists of: its jobs and its own version table.
-_MEMTREE_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
+#: memtree's tables besides the jobs: they are memtree's own, the original never had them.
+_OWN_TABLES = (RATE_EVENTS_TABLE, SCHEDULES_TABLE)
+#: The tables memtree's schema consists of: its jobs, its own tables and its version table.
+_MEMTREE_TABLES = frozenset({TABLE_NAME, *_OWN_TABLES, VERSION_TABLE})
 #: A column only memtree's revisions add (memtree_0003): the original never had it.
 _MEMTREE_COLUMN = "lease_token"
 #: What every refusal of a table whose revision record is lost says to do.
@@ -78,7 +80,8 @@ LOST_REVISION = (
     "`memtree db stamp` to record the revision the table's layout matches"
 )
 
-#: What each revision adds to mem_tree_jobs, as :func:`_layout` describes a table.
+#: What each revision adds to mem_tree_jobs (and memtree's own tables), as :func:`_layout`
+#: describes them.
 #: A new revision adds its entry here; the tests stamp every revision from its layout.
 _REVISION_ADDS: dict[str, frozenset[str]] = {
     "memtree_0001": frozenset(
@@ -112,6 +115,7 @@ _REVISION_ADDS: dict[str, frozenset[str]] = {
     ),
     "memtree_0004": frozenset({"column cancel_requested_at_ms"}),
     "memtree_0005": frozenset({"column heal_count"}),
+    "memtree_0006": frozenset({f"table {RATE_EVENTS_TABLE}", f"table {SCHEDULES_TABLE}"}),
 }
 
 
@@ -295,9 +299,11 @@ def _adopt(conn: Connection, config: Config) -> str | None:
 
 
 def _layout(conn: Connection) -> frozenset[str]:
-    """mem_tree_jobs' columns and indexes, each as one line such as ``column kind``."""
+    """mem_tree_jobs' columns and indexes, each as one line such as ``column kind``, and
+    which of memtree's own tables exist (``table mem_tree_schedules``)."""
     inspector = inspect(conn)
     lines = {f"column {column['name']}" for column in inspector.get_columns(TABLE_NAME)}
+    lines.update(f"table {name}" for name in _OWN_TABLES if inspector.has_table(name))
     for index in inspector.get_indexes(TABLE_NAME):
         kind = "unique index" if index["unique"] else "index"
         columns = ", ".join(str(name) for name in index["column_names"])

@@ -17,9 +17,24 @@ from typing import cast
 from sqlalchemy import BigInteger, Index, Integer, MetaData, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["TABLE_NAME", "Base", "MemTreeJob", "jobs"]
+__all__ = [
+    "RATE_EVENTS_TABLE",
+    "SCHEDULES_TABLE",
+    "TABLE_NAME",
+    "Base",
+    "MemTreeJob",
+    "MemTreeRateEvent",
+    "MemTreeSchedule",
+    "jobs",
+    "rate_events",
+    "schedules",
+]
 
 TABLE_NAME = "mem_tree_jobs"
+#: memtree's own: one row per start a rate limit counted (see :class:`MemTreeRateEvent`).
+RATE_EVENTS_TABLE = "mem_tree_rate_events"
+#: memtree's own: the last slot each periodic schedule enqueued.
+SCHEDULES_TABLE = "mem_tree_schedules"
 
 #: Stable names for anything the table does not name itself, on every database.
 NAMING_CONVENTION = {
@@ -93,5 +108,42 @@ class MemTreeJob(Base):
     )
 
 
+class MemTreeRateEvent(Base):
+    """One start counted against a rate limit: a worker's claim, or an application's own
+    call that consumed from the same budget. A limit allows at most its ``limit`` of
+    weight per key in any window; rows older than the window are deleted as limits are
+    consumed. The original crate never reads this table."""
+
+    __tablename__ = RATE_EVENTS_TABLE
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    limit_name: Mapped[str] = mapped_column(Text, nullable=False)
+    # '' when the limit is not partitioned: one budget for the whole fleet.
+    partition_key: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
+    at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+    weight: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    # The job whose claim counted this start; NULL for an application's own call.
+    job_id: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_mem_tree_rate_events_window", "limit_name", "partition_key", "at_ms"),
+    )
+
+
+class MemTreeSchedule(Base):
+    """A periodic schedule's progress: the last slot it enqueued (or skipped), so each
+    slot is enqueued once across every worker process."""
+
+    __tablename__ = SCHEDULES_TABLE
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_slot_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+    updated_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+
+
 #: The Core table the store and settle statements are built on.
 jobs = cast(Table, MemTreeJob.__table__)
+rate_events = cast(Table, MemTreeRateEvent.__table__)
+schedules = cast(Table, MemTreeSchedule.__table__)

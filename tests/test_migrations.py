@@ -58,8 +58,15 @@ REPO_ROOT = TESTS_DIR.parent
 HOST_APP = TESTS_DIR / "host_app"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-HEAD = "memtree_0005"
-HISTORY = ["memtree_0001", "memtree_0002", "memtree_0003", "memtree_0004", "memtree_0005"]
+HEAD = "memtree_0006"
+HISTORY = [
+    "memtree_0001",
+    "memtree_0002",
+    "memtree_0003",
+    "memtree_0004",
+    "memtree_0005",
+    "memtree_0006",
+]
 
 #: The columns of the original's first-shipped table (memtree_0001).
 FIRST_SHIPPED_COLUMNS = {
@@ -94,6 +101,8 @@ COLUMNS_AT: dict[str, set[str] | None] = {
     | CANCEL_COLUMNS
     | HEAL_COLUMNS,
 }
+# memtree_0006 adds tables of memtree's own and leaves mem_tree_jobs as it was.
+COLUMNS_AT["memtree_0006"] = COLUMNS_AT["memtree_0005"]
 ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_ready",
     "idx_mem_tree_jobs_kind",
@@ -207,6 +216,7 @@ def test_version_location_holds_memtrees_revision_files() -> None:
         "memtree_0003_lease_token_and_claim_index.py",
         "memtree_0004_cancel_requests.py",
         "memtree_0005_heal_count.py",
+        "memtree_0006_fleet_tables.py",
     }
 
 
