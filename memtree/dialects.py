@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
+    BigInteger,
     BindParameter,
     Executable,
     Insert,
@@ -111,6 +112,11 @@ class Dialect:
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         """An UPDATE that applies ``values`` to the rows ``picked`` selects, returning them."""
         raise NotImplementedError
+
+    def clock_statement(self) -> Select[Any] | None:
+        """A read of the database server's clock in epoch milliseconds; None where the
+        database has no clock of its own (SQLite: the host's is every process's)."""
+        return None
 
     def claim_only_commit(self) -> Executable | None:
         """Run first in a transaction that only claims, to let its commit skip the wait for
@@ -227,6 +233,13 @@ class PostgresDialect(Dialect):
         return pg_insert(jobs).on_conflict_do_nothing(
             index_elements=[jobs.c.dedupe_key], index_where=text(ACTIVE_DEDUPE_PREDICATE)
         )
+
+    def clock_statement(self) -> Select[Any] | None:
+        # clock_timestamp(), not now(): now() is when the transaction began.
+        epoch_ms = func.floor(
+            func.extract("epoch", func.clock_timestamp()) * literal_column("1000")
+        )
+        return select(epoch_ms.cast(BigInteger))
 
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         # A materialised CTE runs the locking pick exactly once; an IN (subquery) may be

@@ -10,8 +10,7 @@ own writes.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -20,6 +19,7 @@ from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from memtree import migration, settle, store, tracing, wakeup
+from memtree.clock import Clock, clock_for, wall_clock_ms
 from memtree.config import positive_int
 from memtree.dialects import dialect_for
 from memtree.engine import begin_write, configure_engine, create_engine, sync_url
@@ -67,13 +67,6 @@ __all__ = [
     "wall_clock_ms",
 ]
 
-#: A zero-argument callable returning epoch milliseconds.
-Clock = Callable[[], int]
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 def _lease(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -94,7 +87,9 @@ class Queue:
 
     Settings are validated here, when the queue is built:
 
-    - ``clock``: returns epoch milliseconds; the wall clock by default.
+    - ``clock``: returns epoch milliseconds; by default the database's clock (PostgreSQL's
+      ``clock_timestamp()``; on SQLite the host's), so skewed workers agree on time (see
+      :mod:`memtree.clock`). Give one only for tests (:class:`memtree.testing.FakeClock`).
     - ``lock_duration_ms``: the lease of a claim unless the claim names its own.
     - ``retry_base_ms`` / ``retry_cap_ms``: exponential retry backoff.
     - ``max_defer_age_ms``: a job deferred past this age since creation fails.
@@ -131,7 +126,6 @@ class Queue:
         self.max_attempts = positive_int("max_attempts", max_attempts)
         self.retired_kinds = check_kinds("retired_kinds", retired_kinds)
         self.claim_order = check_kinds("claim_order", claim_order, self.retired_kinds)
-        self._clock: Clock = clock or wall_clock_ms
         #: The application's ``AsyncEngine`` when the queue was built on one.
         self.async_engine: AsyncEngine | None = None
         if isinstance(bind, Engine):
@@ -157,6 +151,7 @@ class Queue:
         self._verify_schema = verify_schema
         self._schema_ok = not verify_schema
         self.dialect = dialect_for(self.engine.dialect.name)
+        self._clock: Clock = clock or clock_for(self.engine)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -180,6 +175,7 @@ class Queue:
         return f"Queue({self.engine.url.render_as_string(hide_password=True)!r})"
 
     def now_ms(self) -> int:
+        """Epoch milliseconds on the queue's clock: the database's unless a test gave one."""
         return int(self._clock())
 
     @contextmanager
@@ -571,7 +567,8 @@ def enqueue(executor: CallerTransaction, job: NewJob, *, now_ms: int | None = No
         tracing.span("memtree.enqueue", {"memtree.kind": str(getattr(job, "kind", ""))}),
         store.translate_errors(),
     ):
-        job_id = store.enqueue(caller, job, now_ms=wall_clock_ms() if now_ms is None else now_ms)
+        now = clock_for(caller).now_ms(caller) if now_ms is None else now_ms
+        job_id = store.enqueue(caller, job, now_ms=now)
     if job_id is not None:
         wakeup.after_commit(caller)
     return job_id
@@ -583,9 +580,8 @@ def enqueue_many(
     """:func:`enqueue` for many jobs, with the same per-position dedupe result as the queue's."""
     caller = _caller(executor, "enqueue_many")
     with store.translate_errors():
-        ids = store.enqueue_many(
-            caller, list(jobs), now_ms=wall_clock_ms() if now_ms is None else now_ms
-        )
+        now = clock_for(caller).now_ms(caller) if now_ms is None else now_ms
+        ids = store.enqueue_many(caller, list(jobs), now_ms=now)
     if any(ids):
         wakeup.after_commit(caller)
     return ids
@@ -602,9 +598,8 @@ def mark_done(
     commit together; False (and nothing enqueued) when the lease was lost."""
     caller = _caller(executor, "mark_done")
     with store.translate_errors():
-        settled = settle.mark_done(
-            caller, job, followups, now_ms=wall_clock_ms() if now_ms is None else now_ms
-        )
+        now = clock_for(caller).now_ms(caller) if now_ms is None else now_ms
+        settled = settle.mark_done(caller, job, followups, now_ms=now)
     if settled and followups:
         wakeup.after_commit(caller)
     return settled
@@ -630,7 +625,7 @@ async def enqueue_async(
             f"AsyncConnection, not {type(target).__name__}"
             + (" (use memtree.enqueue for a Session)" if not _is_async(target) else "")
         )
+    if now_ms is None:
+        now_ms = await clock_for(target).now_ms_async(target)
     with store.translate_errors():
-        return await store.enqueue_async(
-            target, job, now_ms=wall_clock_ms() if now_ms is None else now_ms
-        )
+        return await store.enqueue_async(target, job, now_ms=now_ms)

@@ -157,7 +157,11 @@ def _insert_params(job: NewJob, now_ms: int, default_max_attempts: int) -> dict[
         "status": JobStatus.READY.value,
         "attempts": 0,
         "max_attempts": job.max_attempts if job.max_attempts is not None else default_max_attempts,
-        "available_at_ms": job.available_at_ms if job.available_at_ms is not None else now_ms,
+        "available_at_ms": (
+            job.available_at_ms
+            if job.available_at_ms is not None
+            else saturating(now_ms + (job.delay_ms or 0))
+        ),
         "created_at_ms": now_ms,
     }
 

@@ -314,6 +314,9 @@ class NewJob:
     """A job to enqueue. Validated when built, so a bad job never reaches the database.
 
     ``payload`` is any JSON value (NaN and infinities are not JSON) or a :class:`Payload`.
+    A job is due at once, at ``available_at_ms`` (epoch ms), or ``delay_ms`` after it is
+    enqueued, on the queue's clock (the database's): a delay is the spelling that holds
+    when the enqueuing host's clock is off.
     """
 
     kind: str
@@ -321,6 +324,7 @@ class NewJob:
     dedupe_key: str | None = None
     available_at_ms: int | None = None
     max_attempts: int | None = None
+    delay_ms: int | None = None
     payload_json: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -329,6 +333,12 @@ class NewJob:
             _check_text("dedupe_key", self.dedupe_key, max_bytes=MAX_DEDUPE_KEY_BYTES)
         if self.available_at_ms is not None:
             check_ms("available_at_ms", self.available_at_ms)
+        if self.delay_ms is not None:
+            if self.available_at_ms is not None:
+                raise InvalidJobError("give available_at_ms or delay_ms, not both")
+            check_ms("delay_ms", self.delay_ms)
+            if self.delay_ms < 0:
+                raise InvalidJobError(f"delay_ms must not be negative, not {self.delay_ms}")
         if self.max_attempts is not None:
             if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
                 raise InvalidJobError(f"max_attempts must be an integer, not {self.max_attempts!r}")
