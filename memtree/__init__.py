@@ -19,7 +19,15 @@ from memtree.errors import (
     UnsupportedDatabaseError,
 )
 from memtree.models import MemTreeJob
-from memtree.queue import Queue, enqueue, enqueue_async, enqueue_many, mark_done, wall_clock_ms
+from memtree.queue import (
+    Queue,
+    consume,
+    enqueue,
+    enqueue_async,
+    enqueue_many,
+    mark_done,
+    wall_clock_ms,
+)
 from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
@@ -36,7 +44,7 @@ from memtree.types import (
     SettledBatch,
     backoff_ms,
 )
-from memtree.worker import Defer, Gate, Handlers, JobContext, Worker
+from memtree.worker import Defer, Gate, Handlers, JobContext, RateLimit, Worker
 
 __all__ = [
     "DEFAULT_LOCK_DURATION_MS",
@@ -63,6 +71,7 @@ __all__ = [
     "MemtreeError",
     "NewJob",
     "Queue",
+    "RateLimit",
     "SchemaError",
     "SchemaMissingError",
     "SchemaNewerError",
@@ -73,6 +82,7 @@ __all__ = [
     "async_url",
     "backoff_ms",
     "configure_engine",
+    "consume",
     "create_engine",
     "enqueue",
     "enqueue_async",

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    case,
     func,
     insert,
     literal,
@@ -35,7 +36,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.sql.elements import ColumnElement
@@ -84,6 +85,9 @@ class Dialect:
     notifies: ClassVar[bool] = False
     #: Whether a column may hold a value of another type than it declares (SQLite).
     loosely_typed: ClassVar[bool] = False
+    #: Whether one transaction at a time writes (SQLite's file lock), so nothing needs a
+    #: lock of its own to count and then write.
+    serialised_writes: ClassVar[bool] = False
 
     def insert_unless_active_key(self) -> Insert:
         """An INSERT that silently does nothing when the dedupe key is active."""
@@ -116,6 +120,25 @@ class Dialect:
     def clock_statement(self) -> Select[Any] | None:
         """A read of the database server's clock in epoch milliseconds; None where the
         database has no clock of its own (SQLite: the host's is every process's)."""
+        return None
+
+    def payload_field(self, name: str) -> ColumnElement[str]:
+        """The text of the top-level payload field ``name`` of a row ('' when the payload
+        has no such field, or, where the database can tell, is not JSON at all)."""
+        raise NotImplementedError
+
+    def lock_limits(
+        self, wait: Sequence[tuple[int, int]], attempt: Sequence[tuple[int, int]]
+    ) -> Select[Any] | None:
+        """A statement taking the transaction-scoped locks of fleet-wide limits: waiting
+        for each of ``wait``, trying each of ``attempt`` (one boolean column each, after
+        the waits' columns). None where transactions that write are serialised anyway
+        (SQLite: a claim's transaction holds the write lock from its first statement)."""
+        return None
+
+    def notify_kinds(self) -> Executable | None:
+        """A notification to listening workers that a ``:kind`` can be claimed again (a
+        permit freed), delivered at commit; None where the database cannot notify."""
         return None
 
     def claim_only_commit(self) -> Executable | None:
@@ -163,6 +186,7 @@ class SQLiteDialect(Dialect):
 
     name = "sqlite"
     loosely_typed = True
+    serialised_writes = True
 
     def insert_unless_active_key(self) -> Insert:
         # Input is validated before it gets here, so the dedupe index is the only
@@ -171,6 +195,14 @@ class SQLiteDialect(Dialect):
 
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         return update(jobs).where(jobs.c.id.in_(picked.scalar_subquery())).values(values)
+
+    def payload_field(self, name: str) -> ColumnElement[str]:
+        # json_extract raises on a payload that is not JSON; json_valid keeps such a row
+        # (another program's) from failing every claim of its kinds.
+        path: ColumnElement[str] = literal_column(f"'$.\"{name}\"'")
+        value = func.json_extract(jobs.c.payload_json, path)
+        valid = func.json_valid(jobs.c.payload_json) == literal_column("1")
+        return func.coalesce(case((valid, value.cast(Text))), _EMPTY)
 
     def holds_claims(self) -> ColumnElement[bool]:
         # One JSON array of [id, token, attempts, started] claims, each id looked up by
@@ -233,6 +265,25 @@ class PostgresDialect(Dialect):
         return pg_insert(jobs).on_conflict_do_nothing(
             index_elements=[jobs.c.dedupe_key], index_where=text(ACTIVE_DEDUPE_PREDICATE)
         )
+
+    def payload_field(self, name: str) -> ColumnElement[str]:
+        # A payload that is not JSON fails the statement (22P02): the store fails such
+        # ready rows as unreadable and claims again (see memtree.store.claim_limited).
+        # Literals, not binds: a GROUP BY over this must render it the same way twice.
+        field = jobs.c.payload_json.cast(JSONB).op("->>", return_type=Text)(
+            literal_column(f"'{name}'")
+        )
+        return func.coalesce(field, _EMPTY)
+
+    def lock_limits(
+        self, wait: Sequence[tuple[int, int]], attempt: Sequence[tuple[int, int]]
+    ) -> Select[Any] | None:
+        columns = [func.pg_advisory_xact_lock(literal(a), literal(b)) for a, b in wait]
+        columns += [func.pg_try_advisory_xact_lock(literal(a), literal(b)) for a, b in attempt]
+        return select(*columns)
+
+    def notify_kinds(self) -> Executable | None:
+        return select(func.pg_notify(literal(NOTIFY_CHANNEL), bindparam("kind", type_=Text)))
 
     def clock_statement(self) -> Select[Any] | None:
         # clock_timestamp(), not now(): now() is when the transaction began.
@@ -313,6 +364,8 @@ class PostgresDialect(Dialect):
         )
         return held.where(or_(also, jobs.c.id.not_in(lockable)))
 
+
+_EMPTY: ColumnElement[str] = literal_column("''")
 
 #: The columns a settle matches its claim on, in the order of a :data:`Claim`.
 _FENCE_COLUMNS = (jobs.c.id, jobs.c.lease_token, jobs.c.attempts, jobs.c.started_at_ms)

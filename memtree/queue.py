@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -19,7 +20,7 @@ from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from memtree import migration, settle, store, tracing, wakeup
-from memtree.clock import Clock, clock_for, wall_clock_ms
+from memtree.clock import Clock, DatabaseClock, clock_for, wall_clock_ms
 from memtree.config import positive_int
 from memtree.dialects import dialect_for
 from memtree.engine import begin_write, configure_engine, create_engine, sync_url
@@ -29,6 +30,7 @@ from memtree.errors import (
     SchemaNewerError,
     SchemaOutdatedError,
 )
+from memtree.limits import Gate, Limit, RateLimit
 from memtree.store import Executor
 from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
@@ -58,14 +60,55 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncCallerTransaction",
     "CallerTransaction",
+    "ClaimGroup",
     "Clock",
+    "Exchange",
+    "LimitState",
     "Queue",
+    "consume",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
     "mark_done",
     "wall_clock_ms",
 ]
+
+
+#: How soon a claim refused a rate limit's lock (an application's transaction holds it,
+#: or another worker's claim) looks again.
+_LIMIT_BUSY_RETRY_MS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimGroup:
+    """Kinds claimed together in :meth:`Queue.exchange`: at most ``cap`` of them, through
+    ``limit`` when fleet-wide limits apply to them."""
+
+    cap: int
+    kinds: tuple[str, ...]
+    limit: Limit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What :meth:`Queue.exchange` did: the settle, the jobs claimed per group, and per
+    group a limit held back, when (epoch ms) to look again at the latest."""
+
+    settled: SettledBatch
+    claimed: list[list[Job]]
+    blocked: dict[int, int] = field(default_factory=dict)
+    now_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """A fleet-wide limit as it is now: weight or runs used per key, and the running jobs
+    that hold a global gate's permits."""
+
+    limit: Gate | RateLimit
+    used: dict[str, int]
+    holders: list[Job]
+    now_ms: int
 
 
 def _lease(value: object) -> int:
@@ -177,6 +220,14 @@ class Queue:
     def now_ms(self) -> int:
         """Epoch milliseconds on the queue's clock: the database's unless a test gave one."""
         return int(self._clock())
+
+    @property
+    def _test_clock(self) -> bool:
+        return not isinstance(self._clock, DatabaseClock)
+
+    def _test_now(self) -> int | None:
+        """The test clock's time, or None when the queue reads the database's."""
+        return self.now_ms() if self._test_clock else None
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -311,10 +362,32 @@ class Queue:
         ``claims`` is a list of ``(cap, kinds)``, claimed in order, each taking at most its
         cap and all together at most ``limit``. Returns what the settle did (a claim whose
         row another session holds locked is skipped, not waited for: settle it again) and
-        one list of jobs per entry of ``claims``.
+        one list of jobs per entry of ``claims``. :meth:`exchange` also claims through
+        fleet-wide limits.
+        """
+        groups = [ClaimGroup(cap, kinds) for cap, kinds in claims]
+        exchanged = self.exchange(done, groups, limit, lock_duration_ms)
+        return exchanged.settled, exchanged.claimed
+
+    def exchange(
+        self,
+        done: Sequence[tuple[Job, Sequence[NewJob]]],
+        groups: Sequence[ClaimGroup],
+        limit: int,
+        lock_duration_ms: int | None = None,
+        *,
+        notify: Iterable[str] = (),
+    ) -> Exchange:
+        """:meth:`complete_and_claim` with claim groups that may go through a fleet-wide
+        :class:`~memtree.limits.Limit` (a global gate, a rate limit): their locks are taken
+        once, gates waited for and rate limits only tried (an application's transaction
+        may hold one), and each limited group claims only what its permits allow. Kinds in
+        ``notify`` are announced to listening workers at commit (a permit of theirs freed).
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
-        batches: list[list[Job]] = []
+        claimed: list[list[Job]] = []
+        blocked: dict[int, int] = {}
+        limits = [group.limit for group in groups if group.limit is not None]
         with self.transaction() as conn:
             if not done:
                 store.relax_claim_commit(conn)
@@ -326,27 +399,74 @@ class Queue:
                 if done
                 else SettledBatch()
             )
+            refused: set[str] = set()
+            limits_now = now
+            if limits:
+                gates = sorted({x.gate.name for x in limits if x.gate is not None})
+                rates = sorted({x.rate.name for x in limits if x.rate is not None})
+                refused = store.lock_limits(conn, gates, rates)
+                # Under the locks, the server's clock: the starts a window counts are then
+                # in the order the locks serialised them.
+                if not self._test_clock:
+                    limits_now = store.database_clock_ms(conn) or now
             left = limit
-            for cap, kinds in claims:
-                wanted = min(cap, left)
-                claimed = (
-                    store.claim(
+            for index, group in enumerate(groups):
+                wanted = min(group.cap, left)
+                jobs: list[Job] = []
+                if wanted <= 0:
+                    pass
+                elif group.limit is None:
+                    jobs = store.claim(
                         conn,
                         now_ms=now,
                         limit=wanted,
                         lock_duration_ms=lease,
                         claim_order=self.claim_order,
                         retired_kinds=self.retired_kinds,
-                        kinds=kinds,
+                        kinds=group.kinds,
                     )
-                    if wanted > 0
-                    else []
-                )
-                left -= len(claimed)
-                batches.append(claimed)
+                elif refused.intersection(group.limit.names):
+                    blocked[index] = limits_now + _LIMIT_BUSY_RETRY_MS
+                else:
+                    jobs, until = store.claim_limited(
+                        conn,
+                        group.limit,
+                        now_ms=limits_now,
+                        want=wanted,
+                        lock_duration_ms=lease,
+                        claim_order=self.claim_order,
+                        retired_kinds=self.retired_kinds,
+                        kinds=group.kinds,
+                    )
+                    if until is not None:
+                        blocked[index] = until
+                left -= len(jobs)
+                claimed.append(jobs)
+            kinds = sorted(set(notify))
+            if kinds:
+                store.notify(conn, kinds)
         if any(followups for job, followups in done if job.id in outcome.settled):
             wakeup.signal(self.engine)
-        return outcome, batches
+        return Exchange(outcome, claimed, blocked, limits_now)
+
+    def consume(self, rate: RateLimit, *, key: str | None = None, weight: int = 1) -> bool:
+        """:func:`consume` in a transaction of its own."""
+        with self.transaction() as conn:
+            return consume(conn, rate, key=key, weight=weight, now_ms=self._test_now())
+
+    def limit_state(self, limit: Gate | RateLimit) -> LimitState:
+        """Who holds ``limit`` now and what is left of it (for ``memtree status``)."""
+        with self.transaction() as conn:
+            now = self.now_ms()
+            if isinstance(limit, Gate):
+                if not limit.is_global:
+                    return LimitState(limit, {}, [], now)
+                used, _ = store.gate_holders(conn, limit, now)
+                holders = store.list_running(conn, limit.kinds, now)
+            else:
+                used, _ = store.rate_used(conn, limit, now)
+                holders = []
+            return LimitState(limit, used, holders, now)
 
     def mark_failed(
         self, job: Job, error: object, failure: JobFailure | BaseException | None = None
@@ -603,6 +723,33 @@ def mark_done(
     if settled and followups:
         wakeup.after_commit(caller)
     return settled
+
+
+def consume(
+    executor: CallerTransaction,
+    rate: RateLimit,
+    *,
+    key: str | None = None,
+    weight: int = 1,
+    now_ms: int | None = None,
+) -> bool:
+    """Take ``weight`` from ``rate``'s budget (for ``key``, when it is partitioned) inside
+    the caller's transaction: True if the window had that much left, False (and nothing
+    taken) if not. Workers claiming ``rate``'s kinds share the budget; it is spent when
+    the caller commits, and given back if it rolls back. On PostgreSQL this holds the
+    limit's lock until then, so keep the transaction short; workers skip the limit's kinds
+    meanwhile rather than wait."""
+    if not isinstance(rate, RateLimit):
+        raise ConfigurationError(f"consume needs a RateLimit, not {type(rate).__name__}")
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= rate.limit:
+        raise ConfigurationError(f"weight must be an int from 1 to {rate.limit}, not {weight!r}")
+    if key is not None and not isinstance(key, str):
+        raise ConfigurationError(f"key must be a string, not {key!r}")
+    caller = _caller(executor, "consume")
+    with store.translate_errors():
+        if now_ms is None and not clock_for(caller).has_own_clock:
+            now_ms = clock_for(caller).now_ms()
+        return store.consume(caller, rate, key or "", weight, now_ms)
 
 
 async def enqueue_async(

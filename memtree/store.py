@@ -23,7 +23,9 @@ Settlement, every state change after a claim, lives in :mod:`memtree.settle`.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +42,7 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    insert,
     literal,
     literal_column,
     or_,
@@ -56,7 +59,8 @@ from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
-from memtree.models import MemTreeJob, jobs
+from memtree.limits import Gate, Limit, RateLimit, lock_key
+from memtree.models import MemTreeJob, jobs, rate_events
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -73,25 +77,34 @@ __all__ = [
     "Executor",
     "cancel_requested",
     "claim",
+    "claim_limited",
+    "consume",
     "count_by_kind_and_status",
     "count_by_status",
     "count_failed_unrecoverable",
     "count_retired",
     "count_total",
     "count_unreadable",
+    "database_clock_ms",
     "dialect_of",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
+    "gate_holders",
     "get_job",
     "get_row",
     "job_from_row",
     "list_jobs",
     "list_rows",
+    "list_running",
+    "lock_limits",
     "new_job_id",
     "next_due_ms",
+    "notify",
     "prune",
     "purge_retired_jobs",
+    "rate_used",
+    "record_starts",
     "relax_claim_commit",
     "rowcount",
     "saturating",
@@ -305,7 +318,12 @@ def _claim_statement(
             .order_by(merged.c.priority, merged.c.available_at_ms)
             .limit(bindparam("limit"))
         )
-    values: dict[str, ColumnElement[Any]] = {
+    return dialect.claim(picked, _claim_values()).returning(*jobs.c)
+
+
+def _claim_values() -> dict[str, ColumnElement[Any]]:
+    """What a claim writes: ``running`` under a fresh token, ``:now`` to ``:until``."""
+    return {
         "status": RUNNING,
         # Saturating: a row another program wrote with the largest attempts must not make
         # the whole claim overflow PostgreSQL's INTEGER and fail for every job behind it.
@@ -317,7 +335,6 @@ def _claim_statement(
         "last_error": literal_column("NULL"),
         "lease_token": bindparam("token"),
     }
-    return dialect.claim(picked, values).returning(*jobs.c)
 
 
 def claim(
@@ -348,9 +365,23 @@ def claim(
         "token": token,
         "limit": limit,
     }
+    rows = executor.execute(statement, params).all()
+    return _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
+
+
+def _claimed(
+    executor: Executor,
+    rows: Sequence[Row[Any]],
+    *,
+    token: str,
+    now_ms: int,
+    claim_order: tuple[str, ...],
+) -> list[Job]:
+    """The jobs of a claim's returned rows, in claim order then due order; a row that
+    cannot be read as a job is failed under the claim instead."""
     claimed: list[Job] = []
     unreadable: list[tuple[Any, CorruptJobError]] = []
-    for row in executor.execute(statement, params).all():
+    for row in rows:
         try:
             claimed.append(job_from_values(row))
         except CorruptJobError as exc:
@@ -694,3 +725,390 @@ def purge_retired_jobs(executor: Executor, retired_kinds: tuple[str, ...]) -> in
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched."""
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+# -- fleet-wide limits ---------------------------------------------------------------
+#
+# A global gate's permits are its kinds' running rows under a live lease; a rate limit's
+# are its ledger's rows in the window. Claims through a limit, and consume(), count them
+# under the limit's transaction-scoped lock (PostgreSQL; a SQLite claim holds the write
+# lock already), so two claims can never both take the last permit.
+
+
+def database_clock_ms(executor: Executor) -> int | None:
+    """The database server's clock, read now in this transaction; None where the database
+    has no clock of its own (SQLite)."""
+    statement = dialect_of(executor).clock_statement()
+    return None if statement is None else int(executor.execute(statement).scalar_one())
+
+
+def lock_limits(executor: Executor, wait: Sequence[str], attempt: Sequence[str] = ()) -> set[str]:
+    """Take the locks of the limits named: waiting for each of ``wait`` (held by other
+    claims only for the moment of a claim), trying each of ``attempt`` (which an
+    application's transaction may hold for as long as it runs). Returns the names of
+    ``attempt`` another transaction holds; their kinds must not be claimed now."""
+    statement = dialect_of(executor).lock_limits(
+        [lock_key(name) for name in wait], [lock_key(name) for name in attempt]
+    )
+    if statement is None:
+        return set()
+    row = executor.execute(statement).one()
+    return {name for name, took in zip(attempt, row[len(wait) :], strict=True) if not took}
+
+
+def gate_holders(executor: Executor, gate: Gate, now_ms: int) -> tuple[dict[str, int], int | None]:
+    """Running jobs of ``gate``'s kinds under a live lease, counted per key ('' when the
+    gate has none), and when the first of their leases runs out. Keys are read here, not
+    in SQL: a running row another program wrote with a payload that is not JSON counts
+    as key '' instead of failing every claim of the gate."""
+    live = (
+        jobs.c.status == RUNNING,
+        jobs.c.kind.in_(gate.kinds),
+        jobs.c.locked_until_ms >= now_ms,
+    )
+    counts: dict[str, int] = {}
+    first_expiry: int | None = None
+    if gate.key is None:
+        count, first_expiry = executor.execute(
+            select(func.count(), func.min(jobs.c.locked_until_ms)).where(*live)
+        ).one()
+        return ({"": int(count)} if count else {}), first_expiry
+    for payload_json, expiry in executor.execute(
+        select(jobs.c.payload_json, jobs.c.locked_until_ms).where(*live)
+    ):
+        key = key_of(_parsed(payload_json), gate.key)
+        counts[key] = counts.get(key, 0) + 1
+        first_expiry = int(expiry) if first_expiry is None else min(first_expiry, int(expiry))
+    return counts, first_expiry
+
+
+def key_of(payload: Any, field: str) -> str:
+    """A payload's partition key as the database reads it: the field's JSON text, '' when
+    it has none."""
+    if not isinstance(payload, dict) or payload.get(field) is None:
+        return ""
+    value = payload[field]
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if not isinstance(value, bool | int | float) else _scalar(value)
+
+
+def _scalar(value: bool | int | float) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def rate_used(
+    executor: Executor, rate: RateLimit, now_ms: int, key: str | None = None
+) -> tuple[dict[str, int], int | None]:
+    """The weight ``rate`` counted in the window ending now, per key (one key if given),
+    and when the oldest of those starts leaves the window."""
+    statement = (
+        select(
+            rate_events.c.partition_key,
+            func.sum(rate_events.c.weight),
+            func.min(rate_events.c.at_ms),
+        )
+        .where(rate_events.c.limit_name == rate.name)
+        .where(rate_events.c.at_ms > now_ms - rate.window_ms)
+        .group_by(rate_events.c.partition_key)
+    )
+    if key is not None:
+        statement = statement.where(rate_events.c.partition_key == key)
+    used: dict[str, int] = {}
+    oldest: int | None = None
+    for value, weight, first in executor.execute(statement):
+        used[str(value)] = int(weight)
+        oldest = int(first) if oldest is None else min(oldest, int(first))
+    rolls_at = None if oldest is None else oldest + rate.window_ms
+    return used, rolls_at
+
+
+def record_starts(
+    executor: Executor, rate: RateLimit, starts: Sequence[tuple[str, int, str | None]], now_ms: int
+) -> None:
+    """Count ``(key, weight, job_id)`` starts against ``rate`` at ``now_ms``, and forget
+    the starts that left its window (a bounded delete: the window's index finds them)."""
+    if starts:
+        executor.execute(
+            insert(rate_events),
+            [
+                {
+                    "limit_name": rate.name,
+                    "partition_key": key,
+                    "at_ms": now_ms,
+                    "weight": weight,
+                    "job_id": job_id,
+                }
+                for key, weight, job_id in starts
+            ],
+        )
+    expired = (
+        select(rate_events.c.id)
+        .where(rate_events.c.limit_name == rate.name)
+        .where(rate_events.c.at_ms <= now_ms - rate.window_ms)
+        .limit(1000)
+        .scalar_subquery()
+    )
+    executor.execute(delete(rate_events).where(rate_events.c.id.in_(expired)))
+
+
+def consume(executor: Executor, rate: RateLimit, key: str, weight: int, now_ms: int | None) -> bool:
+    """Take ``weight`` from ``rate``'s budget for ``key`` in the caller's transaction, if
+    the window has that much left; False (and nothing kept) if it has not. ``now_ms`` is
+    a test clock's time, or None for the database's."""
+    dialect = dialect_of(executor)
+    if not dialect.serialised_writes:
+        lock_limits(executor, [rate.name])
+        at = database_clock_ms(executor) if now_ms is None else now_ms
+        assert at is not None
+        used, _ = rate_used(executor, rate, at, key)
+        if used.get(key, 0) + weight > rate.limit:
+            return False
+        record_starts(executor, rate, [(key, weight, None)], at)
+        return True
+    # SQLite: the insert takes the file's write lock first, so the count after it sees
+    # every start any other transaction can have committed.
+    at = wall_clock_ms_of_host() if now_ms is None else now_ms
+    row_id = executor.execute(
+        insert(rate_events)
+        .values(limit_name=rate.name, partition_key=key, at_ms=at, weight=weight)
+        .returning(rate_events.c.id)
+    ).scalar_one()
+    used, _ = rate_used(executor, rate, at, key)
+    if used.get(key, 0) > rate.limit:
+        executor.execute(delete(rate_events).where(rate_events.c.id == row_id))
+        return False
+    return True
+
+
+def wall_clock_ms_of_host() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def notify(executor: Executor, kinds: Sequence[str]) -> None:
+    """Wake listening workers for ``kinds`` at commit (where the database notifies)."""
+    statement = dialect_of(executor).notify_kinds()
+    if statement is not None:
+        for kind in kinds:
+            executor.execute(statement, {"kind": kind})
+
+
+def list_running(executor: Executor, kinds: Sequence[str], now_ms: int) -> list[Job]:
+    """The running jobs of ``kinds`` under a live lease, the oldest claim first."""
+    statement = (
+        select(jobs)
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.kind.in_(list(kinds)))
+        .where(jobs.c.locked_until_ms >= now_ms)
+        .order_by(jobs.c.started_at_ms)
+        .limit(1000)
+    )
+    return [job_from_row(row) for row in executor.execute(statement)]
+
+
+def _limited_pick(
+    dialect_name: str, kinds: tuple[str, ...], limit: Limit, lock: bool
+) -> Select[Any]:
+    """Due ready rows of ``kinds`` whose keys are not full, per kind in due order, each
+    with its gate key, rate key and payload."""
+    dialect = dialect_for(dialect_name)
+    empty: ColumnElement[str] = literal_column("''")
+    gate_key = (
+        dialect.payload_field(limit.gate.key) if limit.gate and limit.gate.key else empty
+    ).label("gate_key")
+    rate_key = (
+        dialect.payload_field(limit.rate.key) if limit.rate and limit.rate.key else empty
+    ).label("rate_key")
+    branches = []
+    for kind in kinds:
+        branch = (
+            select(jobs.c.id, jobs.c.available_at_ms, gate_key, rate_key, jobs.c.payload_json)
+            .where(jobs.c.status == READY)
+            .where(jobs.c.kind == kind)
+            .where(jobs.c.available_at_ms <= bindparam("now"))
+            .where(gate_key.element.not_in(bindparam("full_gate_keys", expanding=True)))
+            .where(rate_key.element.not_in(bindparam("full_rate_keys", expanding=True)))
+            .order_by(jobs.c.available_at_ms)
+            .limit(bindparam("scan"))
+        )
+        branches.append(branch.with_for_update(skip_locked=True) if lock else branch)
+    if len(branches) == 1:
+        return branches[0]
+    return select(union_all(*(select(b.subquery()) for b in branches)).subquery())
+
+
+@cache
+def _claim_ids_statement() -> Update:
+    return (
+        update(jobs)
+        .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+        .where(jobs.c.status == READY)
+        .values(_claim_values())
+        .returning(*jobs.c)
+    )
+
+
+def claim_limited(
+    executor: Executor,
+    limit: Limit,
+    *,
+    now_ms: int,
+    want: int,
+    lock_duration_ms: int,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...] = (),
+    kinds: tuple[str, ...],
+) -> tuple[list[Job], int | None]:
+    """Claim up to ``want`` jobs of ``kinds`` within ``limit``, whose locks the caller
+    holds (:func:`lock_limits`): the jobs, and, when the limit left some due job
+    unclaimed, the time (epoch ms) a permit frees at the latest or the window rolls."""
+    kinds = tuple(sorted({k for k in kinds if k not in retired_kinds}))
+    if not kinds or want < 1:
+        return [], None
+    gate, rate = limit.gate, limit.rate
+    held, expiry = gate_holders(executor, gate, now_ms) if gate else ({}, None)
+    used, rolls_at = rate_used(executor, rate, now_ms) if rate else ({}, None)
+    blocked = min((t for t in (expiry, rolls_at) if t is not None), default=None)
+    if not limit.partitioned:
+        room = want
+        if gate is not None:
+            room = min(room, gate.limit - held.get("", 0))
+        if rate is not None:
+            room = min(room, rate.limit - used.get("", 0))
+        if room <= 0:
+            return [], blocked
+        claimed = claim(
+            executor,
+            now_ms=now_ms,
+            limit=room,
+            lock_duration_ms=lock_duration_ms,
+            claim_order=claim_order,
+            retired_kinds=retired_kinds,
+            kinds=kinds,
+        )
+        if rate is not None:
+            record_starts(executor, rate, [("", 1, job.id) for job in claimed], now_ms)
+        return claimed, blocked if len(claimed) == room < want else None
+    return _claim_partitioned(
+        executor,
+        limit,
+        held,
+        used,
+        blocked,
+        now_ms=now_ms,
+        want=want,
+        lock_duration_ms=lock_duration_ms,
+        claim_order=claim_order,
+        kinds=kinds,
+    )
+
+
+def _claim_partitioned(
+    executor: Executor,
+    limit: Limit,
+    held: dict[str, int],
+    used: dict[str, int],
+    blocked: int | None,
+    *,
+    now_ms: int,
+    want: int,
+    lock_duration_ms: int,
+    claim_order: tuple[str, ...],
+    kinds: tuple[str, ...],
+) -> tuple[list[Job], int | None]:
+    gate, rate = limit.gate, limit.rate
+    gate_room = {k: gate.limit - n for k, n in held.items()} if gate else {}
+    rate_room = {k: rate.limit - n for k, n in used.items()} if rate else {}
+    dialect = dialect_of(executor)
+    pick = _limited_pick(dialect.name, kinds, limit, dialect.skip_locked)
+    params = {
+        "now": now_ms,
+        "scan": want * 4 + 16,
+        "full_gate_keys": [k for k, room in gate_room.items() if room <= 0],
+        "full_rate_keys": [k for k, room in rate_room.items() if room <= 0],
+    }
+    try:
+        with executor.begin_nested() if dialect.skip_locked else _nothing():
+            candidates = list(executor.execute(pick, params).all())
+    except sa_exc.DataError:
+        # PostgreSQL could not read some ready row's payload as JSON: fail those rows as
+        # unreadable (nothing can ever key them) and leave the claim to the next round.
+        _fail_unparseable(executor, kinds, now_ms)
+        return [], now_ms
+    candidates.sort(key=lambda row: row[1])
+    chosen: list[tuple[str, str, int]] = []
+    for job_id, _, gate_key, rate_key, payload_json in candidates:
+        if len(chosen) == want:
+            break
+        weight = 1
+        if rate is not None and rate.weight:
+            weight = rate.weight_of(_parsed(payload_json))
+        if gate is not None and gate_room.get(gate_key, gate.limit) < 1:
+            continue
+        if rate is not None and rate_room.get(rate_key, rate.limit) < weight:
+            continue
+        if gate is not None:
+            gate_room[gate_key] = gate_room.get(gate_key, gate.limit) - 1
+        if rate is not None:
+            rate_room[rate_key] = rate_room.get(rate_key, rate.limit) - weight
+        chosen.append((job_id, rate_key, weight))
+    if not chosen:
+        return [], blocked if candidates or params["full_gate_keys"] or params[
+            "full_rate_keys"
+        ] else None
+    token = uuid.uuid4().hex
+    rows = executor.execute(
+        _claim_ids_statement(),
+        {
+            "ids": [job_id for job_id, _, _ in chosen],
+            "now": now_ms,
+            "until": saturating(now_ms + lock_duration_ms),
+            "token": token,
+        },
+    ).all()
+    claimed = _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
+    if rate is not None:
+        taken = {job.id for job in claimed}
+        record_starts(executor, rate, [(k, w, i) for i, k, w in chosen if i in taken], now_ms)
+    left_out = len(chosen) < want and (
+        params["full_gate_keys"] or params["full_rate_keys"] or len(candidates) > len(chosen)
+    )
+    return claimed, blocked if left_out else None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _parsed(payload_json: str) -> Any:
+    try:
+        return json.loads(payload_json)
+    except ValueError:
+        return None
+
+
+def _fail_unparseable(executor: Executor, kinds: tuple[str, ...], now_ms: int) -> None:
+    rows = executor.execute(
+        select(jobs.c.id, jobs.c.payload_json)
+        .where(jobs.c.status == READY)
+        .where(jobs.c.kind.in_(kinds))
+    ).all()
+    bad = [job_id for job_id, payload in rows if _parsed(payload) is None and payload != "null"]
+    if not bad:
+        return
+    log.warning("memtree failed %d ready rows whose payload is not JSON", len(bad))
+    executor.execute(
+        update(jobs)
+        .where(jobs.c.id.in_(bad))
+        .where(jobs.c.status == READY)
+        .values(
+            status=FAILED,
+            completed_at_ms=now_ms,
+            last_error="payload is not JSON: a keyed limit cannot read it",
+            failure_reason=UNREADABLE_ROW,
+            failure_class=FailureClass.UNRECOVERABLE.value,
+        )
+    )

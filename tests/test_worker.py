@@ -196,16 +196,16 @@ def test_a_transactional_completion_claims_the_threads_next_job_in_its_transacti
 
     ids = [queue.enqueue(NewJob("write", i)) for i in range(4)]
     claims = [0]
-    real_claim = Queue.complete_and_claim
+    real_claim = Queue.exchange
 
     def counting(self: Queue, *args: object, **kwargs: object) -> object:
         result = real_claim(self, *args, **kwargs)  # type: ignore[arg-type]
-        claims[0] += sum(len(batch) for batch in result[1])
+        claims[0] += sum(len(batch) for batch in result.claimed)
         return result
 
     worker = Worker(queue, handlers, concurrency=1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Queue, "complete_and_claim", counting)
+        patch.setattr(Queue, "exchange", counting)
         assert worker.run_until_idle() == 4
     assert claims[0] == 1, "only the first job was claimed by the loop"
     assert sorted(effects(engine)) == sorted(order) and len(order) == 4

@@ -15,6 +15,7 @@ from memtree.worker.context import (
     Handler,
     Handlers,
     JobContext,
+    RateLimit,
 )
 from memtree.worker.faults import classify_error, is_infrastructure_error
 from memtree.worker.outcome import Ending
@@ -32,6 +33,7 @@ __all__ = [
     "Handler",
     "Handlers",
     "JobContext",
+    "RateLimit",
     "Worker",
     "classify_error",
     "is_infrastructure_error",

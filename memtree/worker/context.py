@@ -20,6 +20,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from memtree.errors import ConfigurationError
+from memtree.limits import Gate, RateLimit
 from memtree.types import Job, NewJob, check_kind
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "Handler",
     "Handlers",
     "JobContext",
+    "RateLimit",
     "is_async_handler",
 ]
 
@@ -65,20 +67,6 @@ class Defer:
 
     def resolve(self, now_ms: int) -> int:
         return self.until_ms if self.until_ms is not None else now_ms + (self.delay_ms or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class Gate:
-    """A concurrency limit shared by kinds: at most ``limit`` of them run at once here."""
-
-    name: str
-    limit: int
-    kinds: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ConfigurationError(f"gate {self.name!r} needs a limit >= 1, not {self.limit!r}")
-        object.__setattr__(self, "kinds", tuple(self.kinds))
 
 
 def _fields(job: Job) -> dict[str, Any]:

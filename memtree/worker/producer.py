@@ -16,16 +16,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 
 from memtree import maintenance, tracing, wakeup
 from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
+from memtree.limits import Gate, Limit, RateLimit
+from memtree.queue import ClaimGroup
 from memtree.redact import scrub
 from memtree.types import Job
 from memtree.worker.completer import Completer, Finished, retrying
-from memtree.worker.context import AsyncJobContext, Gate, JobContext
+from memtree.worker.context import AsyncJobContext, JobContext
 from memtree.worker.dbfile import DatabaseFile
 from memtree.worker.faults import classify_error
 from memtree.worker.outcome import Chain, Run
@@ -35,12 +38,28 @@ if TYPE_CHECKING:
     from memtree.worker.executor import ThreadExecutor
     from memtree.worker.worker import Worker
 
-__all__ = ["ClaimPlan", "Producer"]
+__all__ = ["ClaimPlan", "Group", "Producer"]
 
 log = logging.getLogger("memtree.worker")
 
-#: Per claim group: its gate (None for the ungated kinds), its cap and its kinds.
-ClaimPlan = list[tuple[Gate | None, int, tuple[str, ...]]]
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """Kinds claimed together: those of one gate and rate limit (or of neither)."""
+
+    gate: Gate | None
+    kinds: tuple[str, ...]
+    #: The fleet-wide limit its claims go through: a global gate, a rate limit, or both.
+    limit: Limit | None
+
+    @property
+    def local_gate(self) -> Gate | None:
+        """The gate counted here, in memory: a process gate."""
+        return self.gate if self.gate is not None and not self.gate.is_global else None
+
+
+#: Per claim group: the group, its cap.
+ClaimPlan = list[tuple[Group, int]]
 
 
 class Producer:
@@ -59,18 +78,25 @@ class Producer:
         for gate in worker.gates:
             for kind in gate.kinds:
                 self._gate_of[kind] = gate
+        rate_of = {kind: rate for rate in worker.rate_limits for kind in rate.kinds}
         order = {kind: i for i, kind in enumerate(self.queue.claim_order)}
-        # Claim groups: one per gate (its handled kinds), then the ungated kinds.
-        groups: list[tuple[Gate | None, tuple[str, ...]]] = []
-        for gate in worker.gates:
-            kinds = tuple(k for k in gate.kinds if k in worker.handlers)
-            if kinds:
-                groups.append((gate, kinds))
-        ungated = tuple(k for k in worker.handlers if k not in self._gate_of)
-        if ungated:
-            groups.append((None, ungated))
-        groups.sort(key=lambda g: min(order.get(k, len(order)) for k in g[1]))
+        # Claim groups: the handled kinds of each (gate, rate limit) pair, the ungated
+        # kinds last; a group with a global gate or a rate limit claims through it.
+        members: dict[tuple[Gate | None, RateLimit | None], list[str]] = {}
+        for kind in worker.handlers:
+            members.setdefault((self._gate_of.get(kind), rate_of.get(kind)), []).append(kind)
+        groups: list[Group] = []
+        for (kinds_gate, rate), kinds in members.items():
+            fleet = kinds_gate if kinds_gate is not None and kinds_gate.is_global else None
+            limit = Limit(fleet, rate) if fleet is not None or rate is not None else None
+            groups.append(Group(kinds_gate, tuple(kinds), limit))
+        groups.sort(key=lambda g: min(order.get(k, len(order)) for k in g.kinds))
         self._groups = groups
+        self._group_of = {kind: group for group in groups for kind in group.kinds}
+        #: Per limited group, the monotonic time before which its limit is known full.
+        self._blocked: dict[int, float] = {}
+        #: Kinds whose global permits freed here since the last claim: notified with it.
+        self._freed: set[str] = set()
 
         self._lock = threading.Lock()
         self.wake = threading.Event()
@@ -111,10 +137,13 @@ class Producer:
             if self.stopping.is_set():
                 return ()
             kinds: list[str] = []
-            for gate, group in self._groups:
-                sync = [kind for kind in group if kind not in self._async_kinds]
+            for group in self._groups:
+                if group.limit is not None:
+                    continue  # claimed through the fleet's limit, by the loop only
+                sync = [kind for kind in group.kinds if kind not in self._async_kinds]
                 if not sync:
                     continue
+                gate = group.local_gate
                 if gate is not None and gate is not run.gate:
                     if self._gate_busy[gate.name] >= gate.limit:
                         continue
@@ -131,6 +160,9 @@ class Producer:
             self._running.pop(run.job.id, None)
             if run.gate is not None:
                 self._gate_busy[run.gate.name] -= 1
+                if run.gate.is_global:
+                    self._freed.add(run.job.kind)
+                    self._unblock(run.job.kind)
             for gate in chain.reserved if chain is not None else ():
                 self._gate_busy[gate.name] -= 1
             if follower is not None:
@@ -168,7 +200,16 @@ class Producer:
 
     def _on_notify(self, kind: str) -> None:
         if kind in self.worker.handlers:
+            with self._lock:
+                self._unblock(kind)
             self.wake.set()
+
+    def _unblock(self, kind: str) -> None:
+        """A permit of ``kind``'s group may have freed: look at its limit again (under the
+        lock)."""
+        group = self._group_of.get(kind)
+        if group is not None:
+            self._blocked.pop(self._groups.index(group), None)
 
     def loop(self, *, until_idle: bool) -> None:
         while not self.stopping.is_set():
@@ -207,10 +248,14 @@ class Producer:
             if free <= 0 or self.stopping.is_set() or (running and free < self._claim_batch):
                 return 0, []
             plan: ClaimPlan = []
-            for gate, kinds in self._groups:
+            now = time.monotonic()
+            for index, group in enumerate(self._groups):
+                if self._blocked.get(index, 0.0) > now:
+                    continue  # its limit is full: nothing to ask the database yet
+                gate = group.local_gate
                 cap = free if gate is None else gate.limit - self._gate_busy[gate.name]
                 if cap > 0:
-                    plan.append((gate, cap, kinds))
+                    plan.append((group, cap))
                     if gate is not None:
                         self._gate_busy[gate.name] += cap
         return free, plan
@@ -218,9 +263,9 @@ class Producer:
     def _release_plan(self, plan: ClaimPlan) -> None:
         """Give back the gate caps :meth:`_claim_plan` held (claimed jobs hold their own)."""
         with self._lock:
-            for gate, cap, _ in plan:
-                if gate is not None:
-                    self._gate_busy[gate.name] -= cap
+            for group, cap in plan:
+                if group.local_gate is not None:
+                    self._gate_busy[group.local_gate.name] -= cap
 
     def _exchange(self) -> int:
         """Settle finished jobs and claim new ones in one transaction; how many were claimed."""
@@ -240,19 +285,33 @@ class Producer:
             self.completer.put_back(taken)  # never settled: not into a changed file
             return 0
         queue = self.queue
+        with self._lock:
+            freed, self._freed = self._freed, set()
         result = self.guarded(
-            lambda: queue.complete_and_claim(
+            lambda: queue.exchange(
                 [(item.job, item.followups) for item in taken],
-                [(cap, kinds) for _, cap, kinds in plan],
+                [ClaimGroup(cap, group.kinds, group.limit) for group, cap in plan],
                 limit,
                 self.lock_duration_ms,
+                notify=freed,
             ),
             "claim",
         )
         if result is None:
             self.completer.put_back(taken)  # the transaction rolled back: next round
+            with self._lock:
+                self._freed |= freed
             return 0
-        settled, batches = result
+        settled, batches = result.settled, result.claimed
+        if result.blocked:
+            now = time.monotonic()
+            with self._lock:
+                for index, until_ms in result.blocked.items():
+                    group_index = self._groups.index(plan[index][0])
+                    wait_s = min(
+                        max(until_ms - result.now_ms, 1) / 1000, self.worker.poll_interval_s
+                    )
+                    self._blocked[group_index] = now + wait_s
         self.completer.record_batch(taken, settled)
         claimed = 0
         now_ms = queue.now_ms()
@@ -272,11 +331,16 @@ class Producer:
 
     def _claimable_kinds(self) -> tuple[str, ...]:
         with self._lock:
+            now = time.monotonic()
             return tuple(
                 kind
-                for gate, kinds in self._groups
-                if gate is None or self._gate_busy[gate.name] < gate.limit
-                for kind in kinds
+                for index, group in enumerate(self._groups)
+                if self._blocked.get(index, 0.0) <= now
+                and (
+                    group.local_gate is None
+                    or self._gate_busy[group.local_gate.name] < group.local_gate.limit
+                )
+                for kind in group.kinds
             )
 
     def _idle_timeout(self) -> tuple[float | None, bool]:
@@ -287,6 +351,8 @@ class Producer:
         upkeep_due = self.worker.upkeep_schedule.next_due()
         if upkeep_due is not None:
             deadlines.append(upkeep_due)
+        with self._lock:
+            deadlines.extend(t for t in self._blocked.values() if t > now)
         with self._lock:
             free = self.concurrency - len(self._running)
         if free > 0:

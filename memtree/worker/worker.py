@@ -38,6 +38,7 @@ from memtree.worker.context import (
     AsyncHandler,
     Gate,
     Handler,
+    RateLimit,
     check_handler,
     is_async_handler,
 )
@@ -59,7 +60,11 @@ class Worker:
     thread, or an ``async def``, run on an event loop).
 
     - ``concurrency``: jobs run at once; the worker never holds more claims than this.
-    - ``gates``: concurrency limits shared by kinds (none by default).
+    - ``gates``: concurrency limits shared by kinds (none by default): per process, or
+      across every worker on the database (``Gate(..., scope="global")``, per payload
+      ``key`` if given).
+    - ``rate_limits``: at most so many starts of some kinds per window, across every
+      worker on the database (:class:`memtree.RateLimit`).
     - ``lock_duration_ms``: the lease of a claim (the queue's by default), extended every
       ``heartbeat_interval_ms`` (a third of the lease by default) while a handler runs.
     - ``poll_interval_s``: how soon an idle worker notices work another process enqueued
@@ -88,6 +93,7 @@ class Worker:
         *,
         concurrency: int = 4,
         gates: Iterable[Gate] = (),
+        rate_limits: Iterable[RateLimit] = (),
         lock_duration_ms: int | None = None,
         heartbeat_interval_ms: int | None = None,
         poll_interval_s: float | None = None,
@@ -188,12 +194,20 @@ class Worker:
         self._async_session_factory = async_session_factory
 
         self.gates = tuple(gates)
-        seen: dict[str, Gate] = {}
-        for gate in self.gates:
-            for kind in gate.kinds:
-                if kind in seen:
-                    raise ConfigurationError(f"kind {kind!r} is in two gates")
-                seen[kind] = gate
+        self.rate_limits = tuple(rate_limits)
+        for what, limits in (("gate", self.gates), ("rate limit", self.rate_limits)):
+            seen: set[str] = set()
+            names: set[str] = set()
+            for limit in limits:
+                if not isinstance(limit, Gate if what == "gate" else RateLimit):
+                    raise ConfigurationError(f"not a {what}: {limit!r}")
+                if limit.name in names:
+                    raise ConfigurationError(f"two {what}s are named {limit.name!r}")
+                names.add(limit.name)
+                for kind in limit.kinds:
+                    if kind in seen:
+                        raise ConfigurationError(f"kind {kind!r} is in two {what}s")
+                    seen.add(kind)
         self._stopping = threading.Event()
         self._signals = 0
         self._task: asyncio.Task[None] | None = None
