@@ -56,7 +56,7 @@ from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
-from memtree.models import MemTreeJob, jobs
+from memtree.models import MemTreeJob, jobs, schedules
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Executor",
+    "ScheduleRow",
+    "advance_schedule",
     "cancel_requested",
     "claim",
     "count_by_kind_and_status",
@@ -88,6 +90,7 @@ __all__ = [
     "job_from_row",
     "list_jobs",
     "list_rows",
+    "list_schedules",
     "new_job_id",
     "next_due_ms",
     "prune",
@@ -694,3 +697,58 @@ def purge_retired_jobs(executor: Executor, retired_kinds: tuple[str, ...]) -> in
 def rowcount(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE matched."""
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+# -- schedules ---------------------------------------------------------------------------
+
+#: One row of ``mem_tree_schedules``: ``(name, last_slot_ms, updated_at_ms)``.
+ScheduleRow: TypeAlias = tuple[str, int, int]
+
+
+@cache
+def _schedule_insert_statement(dialect_name: str) -> Any:
+    return (
+        dialect_for(dialect_name)
+        .insert_if_absent(schedules)
+        .values(
+            name=bindparam("s_name"),
+            last_slot_ms=bindparam("before"),
+            updated_at_ms=bindparam("now"),
+        )
+    )
+
+
+@cache
+def _schedule_advance_statement() -> Update:
+    return (
+        update(schedules)
+        .where(schedules.c.name == bindparam("s_name"))
+        .where(schedules.c.last_slot_ms < bindparam("slot"))
+        .values(last_slot_ms=bindparam("slot"), updated_at_ms=bindparam("now"))
+    )
+
+
+def advance_schedule(executor: Executor, name: str, *, slot_ms: int, now_ms: int) -> bool:
+    """Record ``slot_ms`` as schedule ``name``'s last slot if it is later than the one
+    recorded; True when this call moved it, so its caller alone enqueues the slot.
+
+    The row is inserted first if absent (recording the moment before ``slot_ms``, which
+    the update below replaces in the same transaction), then moved by a compare-and-set
+    fenced to an earlier slot: of two transactions ticking the same slot, the second's
+    update waits for the first's row lock (PostgreSQL) or its write lock (SQLite) and then
+    matches nothing.
+    """
+    dialect = dialect_of(executor)
+    params = {"s_name": name, "before": slot_ms - 1, "slot": slot_ms, "now": now_ms}
+    executor.execute(_schedule_insert_statement(dialect.name), params)
+    return rowcount(executor.execute(_schedule_advance_statement(), params)) == 1
+
+
+def list_schedules(executor: Executor) -> list[ScheduleRow]:
+    """Every schedule's row, by name."""
+    statement = select(
+        schedules.c.name, schedules.c.last_slot_ms, schedules.c.updated_at_ms
+    ).order_by(schedules.c.name)
+    return [
+        (str(name), int(last), int(updated)) for name, last, updated in executor.execute(statement)
+    ]
