@@ -20,6 +20,7 @@ from memtree.errors import (
 )
 from memtree.models import MemTreeJob
 from memtree.queue import Queue, enqueue, enqueue_async, enqueue_many, mark_done, wall_clock_ms
+from memtree.schedule import Schedule
 from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
@@ -63,6 +64,7 @@ __all__ = [
     "MemtreeError",
     "NewJob",
     "Queue",
+    "Schedule",
     "SchemaError",
     "SchemaMissingError",
     "SchemaNewerError",
