@@ -28,6 +28,7 @@ from memtree.queue import (
     mark_done,
     wall_clock_ms,
 )
+from memtree.schedule import Schedule
 from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
     DEFAULT_MAX_ATTEMPTS,
@@ -72,6 +73,7 @@ __all__ = [
     "NewJob",
     "Queue",
     "RateLimit",
+    "Schedule",
     "SchemaError",
     "SchemaMissingError",
     "SchemaNewerError",

@@ -371,7 +371,7 @@ def worker(
 
     The worker is the memory tree's (memtree.tree.worker on memtree.tree.queue): the
     tree's claim order and retired kinds, its llm gate unless --no-gates, and the
-    flush_stale upkeep when --app handles flush_stale.
+    flush_stale schedule (every 3-hour UTC block) when --app handles flush_stale.
     """
     import logging
 
@@ -557,6 +557,16 @@ def _status_report(queue: Queue, url: str) -> dict[str, Any]:
         )
     with queue.transaction() as conn:
         unreadable = store.count_unreadable(conn)
+        schedules = [
+            {
+                "name": name,
+                "last_slot": _iso(last_slot_ms),
+                "last_slot_ms": last_slot_ms,
+                "updated_at": _iso(updated_at_ms),
+                "updated_at_ms": updated_at_ms,
+            }
+            for name, last_slot_ms, updated_at_ms in store.list_schedules(conn)
+        ]
     return {
         "database": url,
         "now_ms": now,
@@ -568,6 +578,7 @@ def _status_report(queue: Queue, url: str) -> dict[str, Any]:
         "failed_unrecoverable": queue.count_failed_unrecoverable(),
         "retired": queue.count_retired(),
         "unreadable": unreadable,
+        "schedules": schedules,
     }
 
 
@@ -611,6 +622,13 @@ def _render_status(report: dict[str, Any]) -> Group:
                 lease += " (cancel requested)"
             running.add_row(Text(job["id"]), Text(job["kind"]), str(job["attempts"]), lease)
         parts.append(running)
+    if report["schedules"]:
+        schedules = Table(title="schedules", show_edge=False)
+        for column in ("schedule", "last slot", "updated at"):
+            schedules.add_column(column)
+        for row in report["schedules"]:
+            schedules.add_row(Text(row["name"]), row["last_slot"], row["updated_at"])
+        parts.append(schedules)
     return Group(*parts)
 
 

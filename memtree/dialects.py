@@ -21,6 +21,7 @@ from sqlalchemy import (
     Executable,
     Insert,
     Select,
+    Table,
     Text,
     Update,
     and_,
@@ -91,6 +92,10 @@ class Dialect:
 
     def insert_unless_active_key(self) -> Insert:
         """An INSERT that silently does nothing when the dedupe key is active."""
+        raise NotImplementedError
+
+    def insert_if_absent(self, table: Table) -> Insert:
+        """An INSERT into ``table`` that silently does nothing when its primary key exists."""
         raise NotImplementedError
 
     def enqueue_one(self) -> Executable:
@@ -193,6 +198,10 @@ class SQLiteDialect(Dialect):
         # constraint OR IGNORE can ever swallow.
         return insert(jobs).prefix_with("OR IGNORE")
 
+    def insert_if_absent(self, table: Table) -> Insert:
+        # Callers bind validated values: the primary key is the only constraint to swallow.
+        return insert(table).prefix_with("OR IGNORE")
+
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         return update(jobs).where(jobs.c.id.in_(picked.scalar_subquery())).values(values)
 
@@ -291,6 +300,9 @@ class PostgresDialect(Dialect):
             func.extract("epoch", func.clock_timestamp()) * literal_column("1000")
         )
         return select(epoch_ms.cast(BigInteger))
+
+    def insert_if_absent(self, table: Table) -> Insert:
+        return pg_insert(table).on_conflict_do_nothing(index_elements=list(table.primary_key))
 
     def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
         # A materialised CTE runs the locking pick exactly once; an IN (subquery) may be

@@ -109,7 +109,7 @@ class Upkeep:
     Each turn the loop calls :meth:`run_due`; every task whose interval has passed since
     it last ran (every task, the first time) runs once, in the order recover, self-heal,
     the ``periodic`` tasks of the application (``(name, interval_s, task)``, each task
-    called with the queue, such as the memory tree's ``flush_stale`` enqueue), prune (only with
+    called with the queue, and a worker's :class:`~memtree.Schedule` ticks), prune (only with
     ``retention_ms``: done rows completed longer ago, at most :data:`PRUNE_MAX_CHUNKS`
     chunks a pass). :meth:`next_due` tells an idle loop how long it may sleep.
     """

@@ -60,7 +60,7 @@ from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
 from memtree.limits import Gate, Limit, RateLimit, lock_key
-from memtree.models import MemTreeJob, jobs, rate_events
+from memtree.models import MemTreeJob, jobs, rate_events, schedules
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -75,6 +75,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Executor",
+    "ScheduleRow",
+    "advance_schedule",
     "cancel_requested",
     "claim",
     "claim_limited",
@@ -97,6 +99,7 @@ __all__ = [
     "list_jobs",
     "list_rows",
     "list_running",
+    "list_schedules",
     "lock_limits",
     "new_job_id",
     "next_due_ms",
@@ -1112,3 +1115,58 @@ def _fail_unparseable(executor: Executor, kinds: tuple[str, ...], now_ms: int) -
             failure_class=FailureClass.UNRECOVERABLE.value,
         )
     )
+
+
+# -- schedules ---------------------------------------------------------------------------
+
+#: One row of ``mem_tree_schedules``: ``(name, last_slot_ms, updated_at_ms)``.
+ScheduleRow: TypeAlias = tuple[str, int, int]
+
+
+@cache
+def _schedule_insert_statement(dialect_name: str) -> Any:
+    return (
+        dialect_for(dialect_name)
+        .insert_if_absent(schedules)
+        .values(
+            name=bindparam("s_name"),
+            last_slot_ms=bindparam("before"),
+            updated_at_ms=bindparam("now"),
+        )
+    )
+
+
+@cache
+def _schedule_advance_statement() -> Update:
+    return (
+        update(schedules)
+        .where(schedules.c.name == bindparam("s_name"))
+        .where(schedules.c.last_slot_ms < bindparam("slot"))
+        .values(last_slot_ms=bindparam("slot"), updated_at_ms=bindparam("now"))
+    )
+
+
+def advance_schedule(executor: Executor, name: str, *, slot_ms: int, now_ms: int) -> bool:
+    """Record ``slot_ms`` as schedule ``name``'s last slot if it is later than the one
+    recorded; True when this call moved it, so its caller alone enqueues the slot.
+
+    The row is inserted first if absent (recording the moment before ``slot_ms``, which
+    the update below replaces in the same transaction), then moved by a compare-and-set
+    fenced to an earlier slot: of two transactions ticking the same slot, the second's
+    update waits for the first's row lock (PostgreSQL) or its write lock (SQLite) and then
+    matches nothing.
+    """
+    dialect = dialect_of(executor)
+    params = {"s_name": name, "before": slot_ms - 1, "slot": slot_ms, "now": now_ms}
+    executor.execute(_schedule_insert_statement(dialect.name), params)
+    return rowcount(executor.execute(_schedule_advance_statement(), params)) == 1
+
+
+def list_schedules(executor: Executor) -> list[ScheduleRow]:
+    """Every schedule's row, by name."""
+    statement = select(
+        schedules.c.name, schedules.c.last_slot_ms, schedules.c.updated_at_ms
+    ).order_by(schedules.c.name)
+    return [
+        (str(name), int(last), int(updated)) for name, last, updated in executor.execute(statement)
+    ]

@@ -890,7 +890,7 @@ def test_a_plain_worker_has_no_gate_and_runs_only_the_upkeep_it_is_given(
     assert wall_queue.count_total() == 0, "no flush_stale of its own"
     queue = wall_queue
     tree = memtree.tree.worker(queue, handlers)
-    assert tree.gates == memtree.tree.GATES and "flush_stale" in tree.upkeep
+    assert tree.gates == memtree.tree.GATES and memtree.tree.FLUSH_STALE_SCHEDULE in tree.schedules
 
 
 def test_none_asks_for_a_settings_default_and_zero_grace_is_allowed(queue: Queue) -> None:

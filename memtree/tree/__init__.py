@@ -12,9 +12,9 @@ A program sharing ``mem_tree_jobs`` with the crate builds its queue with :func:`
 it never claims the kinds the crate retired and purges them as the crate does.
 """
 
-from memtree.tree import jobs, payloads
+from memtree.tree import app, jobs, payloads
 from memtree.tree.app import (
-    FLUSH_STALE_INTERVAL_S,
+    FLUSH_STALE_SCHEDULE,
     GATES,
     LLM_GATE,
     enqueue_flush_stale,
@@ -23,9 +23,16 @@ from memtree.tree.app import (
 )
 from memtree.tree.kinds import CLAIM_ORDER, RETIRED_KINDS, JobKind, is_retired_kind
 
+
+def __getattr__(name: str) -> object:
+    if name == "FLUSH_STALE_INTERVAL_S":  # deprecated; app's __getattr__ warns
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CLAIM_ORDER",
-    "FLUSH_STALE_INTERVAL_S",
+    "FLUSH_STALE_SCHEDULE",
     "GATES",
     "LLM_GATE",
     "RETIRED_KINDS",

@@ -31,6 +31,7 @@ from memtree.config import positive_int, seconds
 from memtree.errors import ConfigurationError
 from memtree.maintenance import Upkeep
 from memtree.queue import Queue
+from memtree.schedule import SCHEDULE_TICK_S, Schedule, Ticker
 from memtree.types import DEFAULT_SELF_HEAL_LIMIT, Job, check_kind
 from memtree.worker.aio import AsyncExecutor
 from memtree.worker.completer import DEFAULT_MAX_INFRASTRUCTURE_RELEASES, Completer
@@ -76,6 +77,9 @@ class Worker:
       0 turns self-heal off). A job failed after that many heals stays failed.
     - ``upkeep``: the application's own periodic tasks, ``(name, interval_s, task)``; the
       worker calls ``task(queue)`` every ``interval_s`` with its maintenance.
+    - ``schedules``: periodic jobs (:class:`~memtree.Schedule`), ticked with the upkeep
+      every ``schedule_tick_s`` (1 s; an interval schedule shorter than that, every
+      interval). Each schedule's kind needs a handler here.
     - ``max_infrastructure_releases``: runs of one job in a row released without spending
       an attempt because the database could not be reached (:func:`is_infrastructure_error`);
       the next such run counts as a failure (10 by default; 0 counts every one).
@@ -109,6 +113,8 @@ class Worker:
         name: str | None = None,
         metrics: Metrics | None = None,
         upkeep: Iterable[tuple[str, float, Callable[[Queue], object]]] = (),
+        schedules: Iterable[Schedule] = (),
+        schedule_tick_s: float = SCHEDULE_TICK_S,
     ) -> None:
         if not isinstance(queue, Queue):
             raise ConfigurationError("Worker needs a memtree.Queue")
@@ -175,6 +181,16 @@ class Worker:
                 raise ConfigurationError(f"upkeep {task_name!r} needs its own name and a callable")
             self.intervals[task_name] = seconds(f"upkeep {task_name!r} interval", interval_s)
             self.upkeep[task_name] = task
+        self.schedule_tick_s = seconds("schedule_tick_s", schedule_tick_s)
+        self.schedules = self._check_schedules(schedules)
+        periodic: list[tuple[str, float, Callable[[Queue], object]]] = [
+            (name, self.intervals[name], task) for name, task in self.upkeep.items()
+        ]
+        for schedule in self.schedules:
+            tick_s = self.schedule_tick_s
+            if schedule.every_ms is not None:
+                tick_s = min(tick_s, schedule.every_ms / 1000)
+            periodic.append((f"schedule {schedule.name}", tick_s, Ticker(schedule, tick_s)))
         self.retention_ms = (
             None if retention_ms is None else positive_int("retention_ms", retention_ms)
         )
@@ -183,7 +199,7 @@ class Worker:
             recover_interval_s=self.intervals["recover"],
             self_heal_interval_s=self.intervals["self_heal"],
             prune_interval_s=self.intervals["prune"],
-            periodic=[(name, self.intervals[name], task) for name, task in self.upkeep.items()],
+            periodic=periodic,
             self_heal_limit=self.self_heal_limit,
             retention_ms=self.retention_ms,
             metrics=metrics,
@@ -229,6 +245,27 @@ class Worker:
             self.producer.aio = AsyncExecutor(
                 self.producer, async_handlers, async_session_factory, None
             )
+
+    def _check_schedules(self, schedules: Iterable[Schedule]) -> tuple[Schedule, ...]:
+        if isinstance(schedules, Schedule):
+            raise ConfigurationError("schedules must be a collection of Schedule, not one")
+        checked = tuple(schedules)
+        names: set[str] = set()
+        for schedule in checked:
+            if not isinstance(schedule, Schedule):
+                raise ConfigurationError(f"schedules holds {schedule!r}, not a memtree.Schedule")
+            if schedule.name in names:
+                raise ConfigurationError(f"two schedules are named {schedule.name!r}")
+            names.add(schedule.name)
+            # Refused rather than ticked for another worker: a schedule nobody here can run
+            # is far more often a typo than a dedicated scheduler process (which can call
+            # memtree.schedule.tick itself).
+            if schedule.kind not in self.handlers:
+                raise ConfigurationError(
+                    f"schedule {schedule.name!r}: this worker has no handler for its kind "
+                    f"{schedule.kind!r}"
+                )
+        return checked
 
     # -- public ------------------------------------------------------------------------
 

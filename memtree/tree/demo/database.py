@@ -18,6 +18,8 @@ from sqlalchemy import Text as SqlText
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import memtree
+from memtree.migration import VERSION_TABLE
+from memtree.models import Base
 from memtree.queue import Queue
 from memtree.tree.demo.errors import DemoError
 from memtree.tree.payloads import Leaf, NodeRef, Summary
@@ -139,7 +141,8 @@ def node_texts(session: Session, refs: Iterable[str]) -> list[str]:
 
 # -- the database --------------------------------------------------------------------------
 
-_OWN_TABLES = ("mem_tree_jobs", "memtree_alembic_version")
+# memtree's own tables, every one its migrations make (memtree_0006 added two).
+_OWN_TABLES = (*Base.metadata.tables, VERSION_TABLE)
 
 
 def _sqlite_path(url: str) -> str | None:
