@@ -343,6 +343,17 @@ class Producer:
                 for kind in group.kinds
             )
 
+    def _limited_kinds(self) -> tuple[str, ...]:
+        """The kinds of groups whose fleet-wide limit is full for now."""
+        with self._lock:
+            now = time.monotonic()
+            return tuple(
+                kind
+                for index, group in enumerate(self._groups)
+                if self._blocked.get(index, 0.0) > now
+                for kind in group.kinds
+            )
+
     def _idle_timeout(self) -> tuple[float | None, bool]:
         """Seconds until something is due (a scheduled job, a heartbeat, maintenance), and
         whether a job this worker could claim is due already."""
@@ -365,6 +376,15 @@ class Producer:
                     # row for a moment, or the database is busy. Look again shortly.
                     return min(self.worker.poll_interval_s, 0.05), True
                 deadlines.append(now + wait)
+            waiting = self._limited_kinds()
+            if waiting:
+                # Behind a full fleet-wide limit: not idle while its jobs are due, but
+                # asleep until a permit frees or the limit's own time comes.
+                due_ms = self.guarded(lambda: self.queue.next_due_ms(waiting), "poll")
+                if due_ms is not None and due_ms <= self.queue.now_ms():
+                    with self._lock:
+                        until = min((t for t in self._blocked.values() if t > now), default=now)
+                    return max(min(until - now, self.worker.poll_interval_s), 0.001), True
         if not deadlines:
             return None, False
         return max(min(min(deadlines) - now, self.worker.poll_interval_s), 0.001), False
