@@ -39,12 +39,13 @@ def main(config: dict[str, Any]) -> None:
 
     queue = memtree.Queue(config["url"], lock_duration_ms=int(config.get("lease_ms", 3000)))
     recorder = Recorder(create_engine(memtree.sync_url(config["url"])), REAL_TIME_NS)
-    gates = limits_from(config)
+    limits = limits_from(config)
     worker = memtree.Worker(
         queue,
         handlers_for(recorder, config),
         concurrency=int(config.get("concurrency", 4)),
-        gates=gates,
+        gates=[x for x in limits if isinstance(x, memtree.Gate)],
+        rate_limits=[x for x in limits if isinstance(x, memtree.RateLimit)],
         poll_interval_s=float(config.get("poll_interval_s", 0.2)),
         recover_interval_s=float(config.get("recover_interval_s", 0.5)),
         shutdown_grace_s=float(config.get("grace_s", 5.0)),

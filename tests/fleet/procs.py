@@ -32,6 +32,8 @@ def launch(config: dict[str, Any], log_dir: Path) -> subprocess.Popen[str]:
     line = process.stdout.readline()
     if line.strip() != "ready":
         process.kill()
+        process.wait()
+        _close(process)
         raise AssertionError(f"worker did not start: {log_path.read_text()[-2000:]}")
     return process
 
