@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 from memtree import dberrors, maintenance, migration, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
+from memtree.limits import Gate, RateLimit
 from memtree.queue import Queue
 from memtree.redact import scrub
 from memtree.types import CancelOutcome, JobStatus, NewJob, decode_payload
@@ -269,28 +270,34 @@ class Duration(_ParamType):
         return ms
 
 
-def load_handlers(target: str) -> Any:
-    """Import ``module:attribute`` (from the current directory too) as a handlers mapping."""
+def _import_attribute(target: str, option: str) -> Any:
+    """Import ``module:attribute`` (from the current directory too) for ``option``."""
     import importlib
-    from collections.abc import Mapping
 
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise click.ClickException(f"--app takes module:attribute, not {target!r}")
+        raise click.ClickException(f"{option} takes module:attribute, not {target!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise click.ClickException(
-            f"cannot import {module_name!r} for --app: {type(exc).__name__}: {exc}"
+            f"cannot import {module_name!r} for {option}: {type(exc).__name__}: {exc}"
         ) from None
     try:
-        handlers = getattr(module, attribute)
+        return getattr(module, attribute)
     except AttributeError:
         raise click.ClickException(
             f"module {module_name!r} has no attribute {attribute!r}"
         ) from None
+
+
+def load_handlers(target: str) -> Any:
+    """Import ``module:attribute`` (from the current directory too) as a handlers mapping."""
+    from collections.abc import Mapping
+
+    handlers = _import_attribute(target, "--app")
     if callable(handlers) and not isinstance(handlers, Mapping):
         handlers = handlers()
     if not isinstance(handlers, Mapping):
@@ -534,7 +541,43 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
-def _status_report(queue: Queue, url: str) -> dict[str, Any]:
+def _limits_report(queue: Queue, limits: Sequence[Gate | RateLimit]) -> list[dict[str, Any]]:
+    """Each fleet-wide limit's use now: per key, what is used and left, and the running
+    jobs holding a global gate's permits."""
+    report = []
+    for limit in limits:
+        if isinstance(limit, Gate) and not limit.is_global:
+            continue
+        state = queue.limit_state(limit)
+        is_gate = isinstance(limit, Gate)
+        report.append(
+            {
+                "name": limit.name,
+                "type": "gate" if is_gate else "rate limit",
+                "limit": limit.limit,
+                "window_s": None if isinstance(limit, Gate) else limit.window_s,
+                "key": limit.key,
+                "kinds": list(limit.kinds),
+                "used": state.used,
+                "remaining": {key: limit.limit - used for key, used in state.used.items()}
+                if state.used
+                else {"": limit.limit},
+                "holders": [
+                    {
+                        "id": job.id,
+                        "kind": job.kind,
+                        "lease_expires_in_ms": (job.locked_until_ms or 0) - state.now_ms,
+                    }
+                    for job in state.holders
+                ],
+            }
+        )
+    return report
+
+
+def _status_report(
+    queue: Queue, url: str, limits: Sequence[Gate | RateLimit] = ()
+) -> dict[str, Any]:
     now = queue.now_ms()
     by_kind: dict[str, dict[str, int]] = {}
     totals = {status.value: 0 for status in JobStatus}
@@ -579,6 +622,7 @@ def _status_report(queue: Queue, url: str) -> dict[str, Any]:
         "retired": queue.count_retired(),
         "unreadable": unreadable,
         "schedules": schedules,
+        "limits": _limits_report(queue, limits),
     }
 
 
@@ -622,6 +666,36 @@ def _render_status(report: dict[str, Any]) -> Group:
                 lease += " (cancel requested)"
             running.add_row(Text(job["id"]), Text(job["kind"]), str(job["attempts"]), lease)
         parts.append(running)
+    if report["limits"]:
+        limits = Table(title="fleet-wide limits", show_edge=False)
+        for column in ("limit", "kind of limit", "used / limit", "left", "held by"):
+            limits.add_column(column)
+        for row in report["limits"]:
+            what = (
+                row["type"]
+                if row["window_s"] is None
+                else f"{row['limit']} per {row['window_s']:g}s"
+            )
+            if row["key"]:
+                what += f", per {row['key']}"
+            used = (
+                ", ".join(
+                    f"{key or '-'}: {n}/{row['limit']}"
+                    for key, n in sorted(row["used"].items())[:8]
+                )
+                or f"0/{row['limit']}"
+            )
+            left = ", ".join(
+                f"{key or '-'}: {n}" for key, n in sorted(row["remaining"].items())[:8]
+            )
+            holders = (
+                ", ".join(
+                    f"{h['id']} ({_ago(h['lease_expires_in_ms'])} left)" for h in row["holders"][:5]
+                )
+                or "-"
+            )
+            limits.add_row(Text(row["name"]), what, Text(used), Text(left), Text(holders))
+        parts.append(limits)
     if report["schedules"]:
         schedules = Table(title="schedules", show_edge=False)
         for column in ("schedule", "last slot", "updated at"):
@@ -636,24 +710,44 @@ def _render_status(report: dict[str, Any]) -> Group:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option(
+    "--limits",
+    "limits_target",
+    default=None,
+    help="module:attribute of the application's Gates and RateLimits (the memory tree's "
+    "llm gate is always shown).",
+)
 @click.pass_obj
 @_one_line_errors
-def status(obj: Context, as_json: bool, watch: bool, interval: float) -> None:
-    """Counts by status and kind, the oldest waiting job, running leases."""
+def status(
+    obj: Context, as_json: bool, watch: bool, interval: float, limits_target: str | None
+) -> None:
+    """Counts by status and kind, the oldest waiting job, running leases, fleet-wide
+    limits and their holders, schedules."""
     url = _safe_url(obj.database_url)
+    from memtree.tree import GATES
+
+    limits: list[Gate | RateLimit] = list(GATES)
+    if limits_target is not None:
+        found = _import_attribute(limits_target, "--limits")
+        extra = list(found) if isinstance(found, list | tuple) else [found]
+        bad = [x for x in extra if not isinstance(x, Gate | RateLimit)]
+        if bad:
+            raise click.ClickException(f"--limits: not a Gate or RateLimit: {bad[0]!r}")
+        limits += [x for x in extra if x.name not in {y.name for y in limits}]
     with _open_queue(obj) as queue:
         if as_json:
-            _echo_json(_status_report(queue, url))
+            _echo_json(_status_report(queue, url, limits))
             return
         console = Console()
         if not watch:
-            console.print(_render_status(_status_report(queue, url)))
+            console.print(_render_status(_status_report(queue, url, limits)))
             return
-        with Live(_render_status(_status_report(queue, url)), console=console) as live:
+        with Live(_render_status(_status_report(queue, url, limits)), console=console) as live:
             try:
                 while True:
                     time.sleep(interval)
-                    live.update(_render_status(_status_report(queue, url)))
+                    live.update(_render_status(_status_report(queue, url, limits)))
             except KeyboardInterrupt:
                 pass
 

@@ -30,11 +30,15 @@ __all__ = [
     "worker",
 ]
 
-#: The original's LLM gate: one LLM-bound job at a time per worker.
+#: The original's LLM gate: one LLM-bound job at a time. The original ran one worker
+#: process; memtree's run as many as a deployment needs, so the gate is global: one LLM
+#: call at a time across every worker on the database, the budget it exists to protect.
+#: ``Gate(..., scope="process")`` in ``gates=`` gives back the per-process gate.
 LLM_GATE = Gate(
     "llm",
     1,
     (JobKind.EXTRACT_CHUNK, JobKind.SEAL, JobKind.REEMBED_BACKFILL, JobKind.SEAL_DOCUMENT),
+    scope="global",
 )
 #: The gates of a tree worker.
 GATES: tuple[Gate, ...] = (LLM_GATE,)

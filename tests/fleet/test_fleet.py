@@ -14,7 +14,6 @@ import random
 import time
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, select, text
 
 import memtree

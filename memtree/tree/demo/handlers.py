@@ -10,9 +10,10 @@ import functools
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import update as sql_update
@@ -61,7 +62,21 @@ class HandlerStats:
     deferrals: int = 0
     transient_failures: int = 0
     seal_requests: int = 0
+    #: Jobs under the (global) llm gate running now, and the most that ever ran at once.
+    gated_running: int = 0
+    gated_peak: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def gated(self) -> Iterator[None]:
+        with self._lock:
+            self.gated_running += 1
+            self.gated_peak = max(self.gated_peak, self.gated_running)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.gated_running -= 1
 
     def add(self, *, deferrals: int = 0, transient_failures: int = 0, seals: int = 0) -> None:
         with self._lock:
@@ -283,11 +298,23 @@ def _flush_stale(ctx: JobContext, stats: HandlerStats) -> None:
         _continue_flush(ctx, stats, session, tree.id, -1, now)
 
 
+def _counted(
+    handler: Callable[[JobContext, HandlerStats], Any], stats: HandlerStats
+) -> Callable[[JobContext], Any]:
+    """``handler`` counted as a run under the llm gate while it runs."""
+
+    def run(ctx: JobContext) -> Any:
+        with stats.gated():
+            return handler(ctx, stats)
+
+    return run
+
+
 def build_handlers(stats: HandlerStats) -> Handlers:
     """The demo's kind -> handler mapping; ``stats`` counts what the handlers do."""
     handlers = Handlers()
-    handlers.register(JobKind.EXTRACT_CHUNK)(functools.partial(_extract_chunk, stats=stats))
+    handlers.register(JobKind.EXTRACT_CHUNK)(_counted(_extract_chunk, stats))
     handlers.register(JobKind.APPEND_BUFFER)(functools.partial(_append_buffer, stats=stats))
-    handlers.register(JobKind.SEAL)(functools.partial(_seal, stats=stats))
+    handlers.register(JobKind.SEAL)(_counted(_seal, stats))
     handlers.register(JobKind.FLUSH_STALE)(functools.partial(_flush_stale, stats=stats))
     return handlers

@@ -54,6 +54,8 @@ class DemoReport:
     transient_failures: int
     #: Times a handler returned ``Defer`` (counted by the handlers; also on the chunks).
     deferrals: int
+    #: The most runs under the llm gate at once (its limit is 1, across every worker).
+    gated_peak: int
     summaries: int
     #: The highest summary level of any tree (0: no summaries).
     tree_depth: int
@@ -141,6 +143,7 @@ def build_report(
         retries=retries,
         transient_failures=stats.transient_failures,
         deferrals=stats.deferrals,
+        gated_peak=stats.gated_peak,
         summaries=summaries,
         tree_depth=depth,
         trees=trees,
@@ -174,6 +177,10 @@ def render(console: Console, report: DemoReport) -> None:
     )
     run.add_row("retries", f"{report.retries} ({report.transient_failures} stand-in LLM timeouts)")
     run.add_row("deferrals (rate limited)", str(report.deferrals))
+    run.add_row(
+        "llm gate (global, 1 at a time)",
+        f"at most {report.gated_peak} ran at once",
+    )
     run.add_row("summaries", str(report.summaries))
     run.add_row("tree depth", str(report.tree_depth))
     run.add_row("throughput", f"{report.throughput:.0f} jobs/s")
