@@ -249,3 +249,34 @@ def test_a_worker_waits_on_a_full_global_gate_without_spinning(wall_queue: Queue
     assert wall_queue.count_by_status(memtree.JobStatus.DONE) == 3
     # Two seconds behind a full gate cost a claim per poll interval, not a hot loop.
     assert spent <= 8, spent
+
+
+STATUS_LIMITS = [RateLimit("status-calls", 5, 60.0, ["call"], key="tenant")]
+
+
+def test_status_shows_each_limits_holders_and_what_is_left(db_url: str, wall_queue: Queue) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from memtree.cli import main
+    from memtree.tree import LLM_GATE
+
+    wall_queue.enqueue_many([NewJob("seal", {"n": i}) for i in range(3)])
+    [held] = claim(wall_queue, Limit(gate=LLM_GATE), kinds=("seal",))
+    assert wall_queue.consume(STATUS_LIMITS[0], key="acme", weight=2)
+    result = CliRunner().invoke(
+        main,
+        ["--database-url", db_url, "status", "--json", "--limits", f"{__name__}:STATUS_LIMITS"],
+    )
+    assert result.exit_code == 0, result.output
+    limits = {row["name"]: row for row in json.loads(result.output)["limits"]}
+    assert limits["llm"]["used"] == {"": 1}
+    assert limits["llm"]["remaining"] == {"": 0}
+    assert [h["id"] for h in limits["llm"]["holders"]] == [held.id]
+    assert limits["status-calls"]["used"] == {"acme": 2}
+    assert limits["status-calls"]["remaining"] == {"acme": 3}
+    table = CliRunner().invoke(main, ["--database-url", db_url, "status"])
+    assert table.exit_code == 0 and "fleet-wide limits" in table.output
+    bad = CliRunner().invoke(main, ["--database-url", db_url, "status", "--limits", "json:dumps"])
+    assert bad.exit_code != 0 and "not a Gate or RateLimit" in bad.output
