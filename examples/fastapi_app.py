@@ -6,6 +6,11 @@ and stopped by the lifespan; its ``async def`` handler writes the email to an ou
 through ``ctx.session``, an ``AsyncSession`` whose transaction is also the job's completion,
 so each signup gets exactly one outbox row even if a handler runs twice.
 
+The mail provider allows ``MAIL_RATE`` sends in any 2 seconds, across the whole fleet:
+the worker's welcome jobs start within that budget, and a request that sends a mail
+itself (``POST /signups/{id}/resend``) takes from the same budget in its own
+transaction, answering 429 when there is none left.
+
 Run it with::
 
     pip install 'memtree[async]' fastapi uvicorn
@@ -33,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import memtree
-from memtree import NewJob, Queue, Worker
+from memtree import NewJob, Queue, RateLimit, Worker
 from memtree.worker import AsyncJobContext, Handlers
 
 DATABASE_URL = os.environ.get("MEMTREE_DATABASE_URL", "sqlite:///fastapi-example.db")
@@ -67,6 +72,9 @@ Sessions = async_sessionmaker(async_engine, expire_on_commit=False)
 
 handlers = Handlers()
 
+#: What the mail provider allows: sends in any 2 s, shared by workers and requests.
+MAIL_RATE = RateLimit("mail", int(os.environ.get("EXAMPLE_MAIL_RATE", "20")), 2.0, ["send_welcome"])
+
 
 @handlers.register("send_welcome")
 async def send_welcome(ctx: AsyncJobContext) -> None:
@@ -83,7 +91,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(queue.migrate)  # in production: `memtree db upgrade` in CI
     async with async_engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
-    async with Worker(queue, handlers, gates=(), concurrency=8):
+    async with Worker(queue, handlers, gates=(), rate_limits=[MAIL_RATE], concurrency=8):
         yield
     queue.close()
     await async_engine.dispose()
@@ -112,6 +120,19 @@ async def create_signup(body: SignupIn, db: DbSession) -> dict[str, object]:
     job_id = await memtree.enqueue_async(db, NewJob("send_welcome", {"signup_id": signup.id}))
     await db.commit()  # the signup and its job, together
     return {"id": signup.id, "job_id": job_id}
+
+
+@app.post("/signups/{signup_id}/resend", status_code=201)
+async def resend_welcome(signup_id: int, db: DbSession) -> dict[str, object]:
+    signup = await db.get(Signup, signup_id)
+    if signup is None:
+        raise HTTPException(404)
+    # The send and its share of the budget commit together, or neither does.
+    if not await memtree.consume_async(db, MAIL_RATE):
+        raise HTTPException(429, "the mail budget is spent for now")
+    db.add(OutboxEmail(signup_id=signup.id, subject=f"Welcome again, {signup.email}"))
+    await db.commit()
+    return {"id": signup.id}
 
 
 @app.get("/signups/{signup_id}")

@@ -22,6 +22,7 @@ from memtree.models import MemTreeJob
 from memtree.queue import (
     Queue,
     consume,
+    consume_async,
     enqueue,
     enqueue_async,
     enqueue_many,
@@ -85,6 +86,7 @@ __all__ = [
     "backoff_ms",
     "configure_engine",
     "consume",
+    "consume_async",
     "create_engine",
     "enqueue",
     "enqueue_async",

@@ -66,6 +66,7 @@ __all__ = [
     "LimitState",
     "Queue",
     "consume",
+    "consume_async",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
@@ -739,24 +740,51 @@ def consume(
     the caller commits, and given back if it rolls back. On PostgreSQL this holds the
     limit's lock until then, so keep the transaction short; workers skip the limit's kinds
     meanwhile rather than wait."""
+    _check_consume(rate, key, weight)
+    caller = _caller(executor, "consume")
+    with store.translate_errors():
+        return store.consume(caller, rate, key or "", weight, _host_now(caller, now_ms))
+
+
+async def consume_async(
+    executor: AsyncCallerTransaction,
+    rate: RateLimit,
+    *,
+    key: str | None = None,
+    weight: int = 1,
+    now_ms: int | None = None,
+) -> bool:
+    """:func:`consume` inside the caller's ``AsyncSession``, ``AsyncConnection`` or
+    ``async_scoped_session``."""
+    _check_consume(rate, key, weight)
+    target = _async_caller(executor, "consume_async", "consume")
+
+    def take(caller: Executor) -> bool:
+        return store.consume(caller, rate, key or "", weight, _host_now(caller, now_ms))
+
+    with store.translate_errors():
+        return bool(await target.run_sync(take))
+
+
+def _check_consume(rate: object, key: object, weight: object) -> None:
     if not isinstance(rate, RateLimit):
         raise ConfigurationError(f"consume needs a RateLimit, not {type(rate).__name__}")
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= rate.limit:
         raise ConfigurationError(f"weight must be an int from 1 to {rate.limit}, not {weight!r}")
     if key is not None and not isinstance(key, str):
         raise ConfigurationError(f"key must be a string, not {key!r}")
-    caller = _caller(executor, "consume")
-    with store.translate_errors():
-        if now_ms is None and not clock_for(caller).has_own_clock:
-            now_ms = clock_for(caller).now_ms()
-        return store.consume(caller, rate, key or "", weight, now_ms)
 
 
-async def enqueue_async(
-    executor: AsyncCallerTransaction, job: NewJob, *, now_ms: int | None = None
-) -> str | None:
-    """Enqueue inside the caller's ``AsyncSession``, ``AsyncConnection`` or
-    ``async_scoped_session``."""
+def _host_now(caller: Executor, now_ms: int | None) -> int | None:
+    """``now_ms``, or where the database has no clock of its own (SQLite), the host's;
+    None leaves the time to the database's clock, read under the limit's lock."""
+    if now_ms is None and not clock_for(caller).has_own_clock:
+        return clock_for(caller).now_ms()
+    return now_ms
+
+
+def _async_caller(executor: object, what: str, sync_name: str) -> AsyncSession | AsyncConnection:
+    """The caller's ``AsyncSession`` or ``AsyncConnection``, or a clear error."""
     from sqlalchemy.ext.asyncio import (
         AsyncConnection,
         AsyncSession,
@@ -768,10 +796,19 @@ async def enqueue_async(
         target = target()
     if not isinstance(target, AsyncSession | AsyncConnection):
         raise ConfigurationError(
-            "memtree.enqueue_async needs an AsyncSession, async_scoped_session or "
+            f"memtree.{what} needs an AsyncSession, async_scoped_session or "
             f"AsyncConnection, not {type(target).__name__}"
-            + (" (use memtree.enqueue for a Session)" if not _is_async(target) else "")
+            + (f" (use memtree.{sync_name} for a Session)" if not _is_async(target) else "")
         )
+    return target
+
+
+async def enqueue_async(
+    executor: AsyncCallerTransaction, job: NewJob, *, now_ms: int | None = None
+) -> str | None:
+    """Enqueue inside the caller's ``AsyncSession``, ``AsyncConnection`` or
+    ``async_scoped_session``."""
+    target = _async_caller(executor, "enqueue_async", "enqueue")
     if now_ms is None:
         now_ms = await clock_for(target).now_ms_async(target)
     with store.translate_errors():

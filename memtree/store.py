@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -1033,7 +1033,7 @@ def _claim_partitioned(
         "full_rate_keys": [k for k, room in rate_room.items() if room <= 0],
     }
     try:
-        with executor.begin_nested() if dialect.skip_locked else _nothing():
+        with executor.begin_nested() if dialect.skip_locked else nullcontext():
             candidates = list(executor.execute(pick, params).all())
     except sa_exc.DataError:
         # PostgreSQL could not read some ready row's payload as JSON: fail those rows as
@@ -1057,10 +1057,12 @@ def _claim_partitioned(
         if rate is not None:
             rate_room[rate_key] = rate_room.get(rate_key, rate.limit) - weight
         chosen.append((job_id, rate_key, weight))
+    # The limit held jobs back if a full key was left out, or a candidate did not fit.
+    held_back = len(chosen) < want and bool(
+        params["full_gate_keys"] or params["full_rate_keys"] or len(candidates) > len(chosen)
+    )
     if not chosen:
-        return [], blocked if candidates or params["full_gate_keys"] or params[
-            "full_rate_keys"
-        ] else None
+        return [], blocked if held_back else None
     token = uuid.uuid4().hex
     rows = executor.execute(
         _claim_ids_statement(),
@@ -1075,15 +1077,7 @@ def _claim_partitioned(
     if rate is not None:
         taken = {job.id for job in claimed}
         record_starts(executor, rate, [(k, w, i) for i, k, w in chosen if i in taken], now_ms)
-    left_out = len(chosen) < want and (
-        params["full_gate_keys"] or params["full_rate_keys"] or len(candidates) > len(chosen)
-    )
-    return claimed, blocked if left_out else None
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+    return claimed, blocked if held_back else None
 
 
 def _parsed(payload_json: str) -> Any:

@@ -280,3 +280,27 @@ def test_status_shows_each_limits_holders_and_what_is_left(db_url: str, wall_que
     assert table.exit_code == 0 and "fleet-wide limits" in table.output
     bad = CliRunner().invoke(main, ["--database-url", db_url, "status", "--limits", "json:dumps"])
     assert bad.exit_code != 0 and "not a Gate or RateLimit" in bad.output
+
+
+def test_consume_async_in_the_applications_async_session(wall_queue: Queue, db_url: str) -> None:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    rate = RateLimit("async-calls", 2, 60.0, ["llm"])
+
+    async def requests() -> list[bool]:
+        engine = memtree.configure_engine(create_async_engine(memtree.async_url(db_url)))
+        taken = []
+        try:
+            for _ in range(3):
+                async with AsyncSession(engine) as session, session.begin():
+                    taken.append(await memtree.consume_async(session, rate))
+            with pytest.raises(ConfigurationError, match=r"memtree\.consume for a Session"):
+                await memtree.consume_async(Session(), rate)  # type: ignore[arg-type]
+        finally:
+            await engine.dispose()
+        return taken
+
+    assert asyncio.run(requests()) == [True, True, False]
+    assert wall_queue.limit_state(rate).used == {"": 2}
