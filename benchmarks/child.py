@@ -9,6 +9,7 @@ import sys
 
 ROLES: dict[str, str] = {
     "memtree-drain": "benchmarks.sys_memtree:drain_child",
+    "memtree-fleet-drain": "benchmarks.sys_memtree:fleet_drain_child",
     "memtree-latency-worker": "benchmarks.sys_memtree:latency_worker_child",
     "memtree-latency-inprocess": "benchmarks.sys_memtree:latency_inprocess_child",
     "memtree-memory": "benchmarks.sys_memtree:memory_child",

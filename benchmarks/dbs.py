@@ -203,9 +203,12 @@ def fill(
     kind: str,
     status: str = "ready",
     start_ms: int | None = None,
+    keys: int | None = None,
 ) -> None:
     """Insert ``count`` memtree rows of ``kind`` in ``status`` ('ready' or 'done'), due in
-    insertion order, ending at ``start_ms`` (now by default): raw SQL, not the API."""
+    insertion order, ending at ``start_ms`` (now by default): raw SQL, not the API. With
+    ``keys``, each payload also has a ``"key"`` field cycling over that many values
+    (``"k0"`` … in insertion order), for a partitioned limit."""
     if count <= 0:
         return
     base = (now_ms() if start_ms is None else start_ms) - count
@@ -213,7 +216,10 @@ def fill(
     if target.is_pg:
         sql = (
             f"INSERT INTO mem_tree_jobs ({_COLUMNS}) "  # noqa: S608 - constants only
-            "SELECT 'job:' || gen_random_uuid()::text, %(kind)s, '{\"i\": ' || g || '}',"
+            "SELECT 'job:' || gen_random_uuid()::text, %(kind)s, '{\"i\": ' || g"
+            " || CASE WHEN %(keys)s > 0"
+            " THEN ', \"key\": \"k' || (g %% %(keys)s) || '\"' ELSE '' END"
+            " || '}',"
             " %(status)s, %(attempts)s, 5, %(base)s + g, %(base)s + g,"
             " CASE WHEN %(done)s THEN %(base)s + g END, CASE WHEN %(done)s THEN %(base)s + g END"
             " FROM generate_series(1, %(count)s) AS g"
@@ -225,6 +231,7 @@ def fill(
             "base": base,
             "done": done,
             "count": count,
+            "keys": keys or 0,
         }
         with raw(target) as conn:
             conn.execute(sql, params)
@@ -232,7 +239,10 @@ def fill(
         sql = (
             "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < :count) "  # noqa: S608
             f"INSERT INTO mem_tree_jobs ({_COLUMNS}) "
-            "SELECT 'job:' || lower(hex(randomblob(16))), :kind, '{\"i\": ' || g || '}',"
+            "SELECT 'job:' || lower(hex(randomblob(16))), :kind, '{\"i\": ' || g"
+            " || CASE WHEN :keys > 0"
+            " THEN ', \"key\": \"k' || (g % :keys) || '\"' ELSE '' END"
+            " || '}',"
             " :status, :attempts, 5, :base + g, :base + g,"
             " CASE WHEN :done THEN :base + g END, CASE WHEN :done THEN :base + g END FROM s"
         )
@@ -243,6 +253,7 @@ def fill(
             "base": base,
             "done": int(done),
             "count": count,
+            "keys": keys or 0,
         }
         with raw(target) as conn:
             conn.execute("BEGIN IMMEDIATE")

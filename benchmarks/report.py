@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.settings import Sizes
+from benchmarks.settings import FLEET_PROCESSES, Sizes
 from benchmarks.workloads import SYSTEMS, Figure
 
 
@@ -99,6 +99,39 @@ def checks(sizes: Sizes) -> list[Check]:
         Check(d, "no-op drain / huey (fastest)", "memtree-sqlite", "noop-1p", "huey", None, 5.0),
         Check(d, "no-op drain / huey (defaults)", "memtree-sqlite", "noop-1p", "huey-default"),
     ]
+    fl = "fleet"
+    mp = "memtree-pg"
+    out.append(
+        Check(
+            fl,
+            "gated drain, Gate limit 64, 4 processes / ungated",
+            mp,
+            "gate64-4p",
+            other_case="noop-4p",
+            target=0.8,
+        )
+    )
+    for case, keyed in (("keyed1000x1-4p", "limit 1"), ("keyed1000x4-4p", "limit 4")):
+        out.append(
+            Check(
+                fl,
+                f"gate keyed over 1,000 values, {keyed}, 4 processes / ungated",
+                mp,
+                case,
+                other_case="noop-4p",
+            )
+        )
+    for processes in FLEET_PROCESSES:
+        plural = "process" if processes == 1 else "processes"
+        out.append(
+            Check(
+                fl,
+                f"no-op drain, {processes} {plural} / floor",
+                mp,
+                f"noop-{processes}p",
+                "floor-pg",
+            )
+        )
     e = "enqueue"
     for db in ("pg", "sqlite"):
         mt, floor = f"memtree-{db}", f"floor-{db}"

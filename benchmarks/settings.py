@@ -13,6 +13,21 @@ PG_ADMIN_URL = os.environ.get(
 
 #: The kind every benchmark job has: not in memtree's claim order, not gated.
 KIND = "bench_noop"
+#: The fleet workload's global gate over ``KIND`` (memtree.Gate(GATE_NAME, ...)).
+GATE_NAME = "bench"
+#: The fleet workload's gated drains: ``(case, limit, key values)``; ``None`` key values
+#: is a plain global gate, otherwise each job's payload ``key`` field cycles over that
+#: many values and the gate's limit holds per value (``Gate(..., key="key")``).
+FLEET_GATES: tuple[tuple[str, int, int | None], ...] = (
+    ("gate64-4p", 64, None),
+    ("keyed1000x1-4p", 1, 1000),
+    ("keyed1000x4-4p", 4, 1000),
+)
+#: Worker processes of the fleet workload's gated drains (memtree and floor ungated also
+#: at 1, 2 and 4 processes: ``FLEET_PROCESSES``).
+FLEET_GATED_PROCESSES = 4
+FLEET_PROCESSES = (1, 2, 4)
+
 #: The kind the transactional-completion drain uses.
 TX_KIND = "bench_tx"
 #: The kind the latency workload uses.
@@ -62,6 +77,9 @@ class Sizes:
     memory_jobs: int
     memory_first_sample: int
     repeats: int
+    #: Jobs per drain of the fleet workload (issue 13: gates and processes, PostgreSQL).
+    fleet_drain: int
+    fleet_repeats: int
 
 
 FULL = Sizes(
@@ -81,6 +99,8 @@ FULL = Sizes(
     memory_jobs=200_000,
     memory_first_sample=20_000,
     repeats=2,
+    fleet_drain=30_000,
+    fleet_repeats=3,
 )
 
 SMOKE = Sizes(
@@ -100,4 +120,6 @@ SMOKE = Sizes(
     memory_jobs=400,
     memory_first_sample=40,
     repeats=1,
+    fleet_drain=300,
+    fleet_repeats=1,
 )

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 import memtree
 from benchmarks import proc
 from benchmarks.dbs import Target
-from benchmarks.settings import KIND, LATENCY_KIND, TX_KIND
+from benchmarks.settings import GATE_NAME, KIND, LATENCY_KIND, TX_KIND
 from memtree import NewJob, Queue
 from memtree.worker import AsyncJobContext, Handlers, JobContext, Worker
 
@@ -93,6 +93,15 @@ class Claimer:
 # -- child processes -----------------------------------------------------------------------
 
 
+def _gates(spec: dict[str, Any]) -> list[memtree.Gate]:
+    """The fleet workload's global gate over the no-op kind (``spec["gate"]``: its limit
+    and its key field, or None), or none."""
+    gate = spec.get("gate")
+    if gate is None:
+        return []
+    return [memtree.Gate(GATE_NAME, gate["limit"], [KIND], scope="global", key=gate["key"])]
+
+
 def drain_child(spec: dict[str, Any]) -> None:
     """One worker process: ``Worker.run_until_idle()`` over a queue filled beforehand."""
     target = Target(spec["backend"], spec["url"])
@@ -128,7 +137,7 @@ def drain_child(spec: dict[str, Any]) -> None:
         def noop(ctx: JobContext) -> None:
             return None
 
-    worker = Worker(queue, handlers, concurrency=spec["concurrency"], gates=())
+    worker = Worker(queue, handlers, concurrency=spec["concurrency"], gates=_gates(spec))
     with queue.transaction():
         pass  # connect and check the schema before the clock starts
     proc.ready_and_wait()
@@ -137,6 +146,58 @@ def drain_child(spec: dict[str, Any]) -> None:
     end = time.time()
     engine.dispose()
     proc.result({"count": settled, "start": start, "end": end})
+
+
+#: How often a fleet worker process looks whether the table is drained.
+FLEET_DONE_POLL_S = 0.01
+
+
+def fleet_drain_child(spec: dict[str, Any]) -> None:
+    """One of a fleet's worker processes: ``Worker.run()`` (LISTEN/NOTIFY on, as deployed)
+    over a queue filled beforehand, stopped once no job of the table is ready or running.
+
+    Not ``run_until_idle()``: a worker whose global gate is full returns from it at once
+    when the other processes hold every permit, so a gated fleet would end as one
+    process. The end is the first look (every ``FLEET_DONE_POLL_S``) that finds the table
+    drained; the count is the handler calls of this process.
+    """
+    import psycopg
+
+    from benchmarks.dbs import _libpq
+
+    engine = engine_for(Target(spec["backend"], spec["url"]))
+    queue = Queue(engine)
+    handlers = Handlers()
+    counter = itertools.count()
+    handled = 0
+
+    @handlers.register(KIND)
+    def noop(ctx: JobContext) -> None:
+        nonlocal handled
+        handled = next(counter) + 1
+
+    worker = Worker(queue, handlers, concurrency=spec["concurrency"], gates=_gates(spec))
+    with queue.transaction():
+        pass  # connect and check the schema before the clock starts
+    look = psycopg.connect(_libpq(spec["url"]), autocommit=True)
+    proc.ready_and_wait()
+    start = time.time()
+    thread = threading.Thread(
+        target=worker.run, kwargs={"install_signal_handlers": False}, daemon=True
+    )
+    thread.start()
+    left = "SELECT EXISTS (SELECT 1 FROM mem_tree_jobs WHERE status IN ('ready', 'running'))"
+    while True:
+        time.sleep(FLEET_DONE_POLL_S)
+        row = look.execute(left).fetchone()
+        if row is not None and not row[0]:
+            break
+    end = time.time()
+    worker.stop()
+    thread.join(60)
+    look.close()
+    engine.dispose()
+    proc.result({"count": handled, "start": start, "end": end})
 
 
 def latency_worker_child(spec: dict[str, Any]) -> None:

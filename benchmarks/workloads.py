@@ -1,4 +1,5 @@
-"""The five workloads of issue 5, each run on every selected system that is installed."""
+"""The five workloads of issue 5 and issue 13's fleet, each run on every selected system
+that is installed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import memtree
 from benchmarks import dbs, proc, sys_floor, sys_memtree
 from benchmarks.dbs import Databases, Target
 from benchmarks.settings import (
+    FLEET_GATED_PROCESSES,
+    FLEET_GATES,
+    FLEET_PROCESSES,
+    GATE_NAME,
     HUEY_POLL_S,
     KIND,
     LATENCY_CONCURRENCY,
@@ -29,7 +34,7 @@ from benchmarks.settings import (
     Sizes,
 )
 
-WORKLOADS = ("enqueue", "drain", "latency", "backlog", "memory")
+WORKLOADS = ("enqueue", "drain", "fleet", "latency", "backlog", "memory")
 
 
 @dataclass(frozen=True)
@@ -281,15 +286,28 @@ def _throughput(results: list[dict[str, Any]], expected: int) -> float:
     return expected / elapsed
 
 
-def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> Measurement:
-    """memtree's worker, or the floor, over jobs filled with raw SQL."""
+def _drain_sql(
+    run: Run,
+    system: str,
+    processes: int,
+    transactional: bool,
+    *,
+    fleet: tuple[str, int, int | None] | None = None,
+    workload: str = "drain",
+) -> Measurement:
+    """memtree's worker, or the floor, over jobs filled with raw SQL; in the fleet
+    workload (``workload="fleet"``) its own job count and repeats, and memtree's workers
+    may go through a global gate (``fleet``: case, limit, key values)."""
     family = SYSTEMS[system].family
     jobs = run.sizes.drain_tx if transactional else run.sizes.drain
+    if workload == "fleet":
+        jobs = run.sizes.fleet_drain
     batch = TX_CONCURRENCY[SYSTEMS[system].backend] if transactional else run.concurrency
+    keys = fleet[2] if fleet is not None else None
 
     def measure() -> float:
         with run.target(system) as target:
-            dbs.fill(target, jobs, kind=TX_KIND if transactional else KIND)
+            dbs.fill(target, jobs, kind=TX_KIND if transactional else KIND, keys=keys)
             dbs.analyze(target)
             spec: dict[str, Any] = {
                 "backend": target.backend,
@@ -299,6 +317,10 @@ def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> Me
             if family in ("memtree", "memtree-async"):
                 role, spec["concurrency"] = "memtree-drain", batch
                 spec["executor"] = "asyncio" if family == "memtree-async" else "threads"
+                if workload == "fleet":
+                    role = "memtree-fleet-drain"  # Worker.run(), stopped once drained
+                if fleet is not None:
+                    spec["gate"] = {"limit": fleet[1], "key": "key" if keys else None}
             else:
                 role, spec["batch"] = "floor-drain", batch
             rate = _throughput(proc.run_together(role, [spec] * processes, timeout=1800), jobs)
@@ -312,10 +334,21 @@ def _drain_sql(run: Run, system: str, processes: int, transactional: bool) -> Me
     def detail(runs: list[float]) -> dict[str, Any]:
         described: dict[str, Any] = {"runs": runs, "jobs": jobs, "processes": processes}
         described["claim_batch" if family == "floor" else "concurrency"] = batch
+        if workload == "fleet":
+            described["gate"] = (
+                None
+                if fleet is None
+                else f"Gate({GATE_NAME!r}, {fleet[1]}, [{KIND!r}], scope='global'"
+                + (", key='key')" if keys else ")")
+            )
+            described["key_values"] = keys
         return described
 
     case = "tx-1p" if transactional else f"noop-{processes}p"
-    return Measurement("drain", case, system, "jobs/s", measure, detail)
+    if fleet is not None:
+        case = fleet[0]
+    runs = run.sizes.fleet_repeats if workload == "fleet" else None
+    return Measurement(workload, case, system, "jobs/s", measure, detail, runs=runs)
 
 
 def _drain_pgqueuer(run: Run, processes: int) -> Measurement:
@@ -403,6 +436,30 @@ def drain(run: Run) -> None:
             measurements.append(_drain_procrastinate(run))
         elif family == "huey":
             measurements.append(_drain_huey(run, system))
+    run.interleaved(measurements)
+
+
+# -- 2b. fleet (issue 13) ------------------------------------------------------------------
+
+
+def fleet(run: Run) -> None:
+    """PostgreSQL no-op drains across worker processes: memtree and the floor at 1, 2 and
+    4 processes (connections), and memtree's 4 processes through a global gate (at limit
+    64, and partitioned over 1,000 keys), all interleaved in the same rounds."""
+    measurements = []
+    for system in run.systems:
+        spec = SYSTEMS[system]
+        if spec.backend != "postgresql" or spec.family not in ("memtree", "floor"):
+            continue
+        measurements += [
+            _drain_sql(run, system, processes, False, workload="fleet")
+            for processes in FLEET_PROCESSES
+        ]
+        if spec.family == "memtree":
+            measurements += [
+                _drain_sql(run, system, FLEET_GATED_PROCESSES, False, fleet=g, workload="fleet")
+                for g in FLEET_GATES
+            ]
     run.interleaved(measurements)
 
 
@@ -690,6 +747,7 @@ def memory(run: Run) -> None:
 RUNNERS: dict[str, Callable[[Run], None]] = {
     "enqueue": enqueue,
     "drain": drain,
+    "fleet": fleet,
     "latency": latency,
     "backlog": backlog,
     "memory": memory,

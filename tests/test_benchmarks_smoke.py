@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("MEMTREE_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/postgres")
 
-WORKLOADS = ("enqueue", "drain", "latency", "backlog", "memory")
+WORKLOADS = ("enqueue", "drain", "fleet", "latency", "backlog", "memory")
 
 #: What each system must have measured: workload -> cases.
 EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -129,8 +129,30 @@ def test_the_run_is_clean_and_complete(smoke: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("system", ["memtree-pg", "memtree-sqlite"])
 def test_memtree_has_every_workload(smoke: dict[str, Any], system: str) -> None:
-    assert {f["workload"] for f in smoke["figures"] if f["system"] == system} == set(WORKLOADS)
+    fleet = set() if system == "memtree-sqlite" else {"fleet"}  # the fleet is PostgreSQL's
+    assert {f["workload"] for f in smoke["figures"] if f["system"] == system} == (
+        set(WORKLOADS) - {"fleet"} | fleet
+    )
     _check(smoke, system, EXPECTED["memtree"])
+
+
+FLEET: dict[str, tuple[str, ...]] = {
+    "memtree-pg": (
+        "noop-1p",
+        "noop-2p",
+        "noop-4p",
+        "gate64-4p",
+        "keyed1000x1-4p",
+        "keyed1000x4-4p",
+    ),
+    "floor-pg": ("noop-1p", "noop-2p", "noop-4p"),
+}
+
+
+@pytest.mark.parametrize("system", sorted(FLEET))
+def test_the_fleet_workload(smoke: dict[str, Any], system: str) -> None:
+    """Issue 13's PostgreSQL fleet: processes, a global gate, a keyed gate."""
+    _check(smoke, system, {"fleet": FLEET[system]})
 
 
 @pytest.mark.parametrize("system", ["floor-pg", "floor-sqlite"])

@@ -95,6 +95,9 @@ class Producer:
         self._group_of = {kind: group for group in groups for kind in group.kinds}
         #: Per limited group, the monotonic time before which its limit is known full.
         self._blocked: dict[int, float] = {}
+        #: Per group, how often a permit of it may have freed (see _unblock): a claim's
+        #: "full" answer is stale when this moved while the claim ran.
+        self._unblocks: list[int] = [0] * len(groups)
         #: Kinds whose global permits freed here since the last claim: notified with it.
         self._freed: set[str] = set()
 
@@ -209,7 +212,9 @@ class Producer:
         lock)."""
         group = self._group_of.get(kind)
         if group is not None:
-            self._blocked.pop(self._groups.index(group), None)
+            index = self._groups.index(group)
+            self._blocked.pop(index, None)
+            self._unblocks[index] += 1
 
     def loop(self, *, until_idle: bool) -> None:
         while not self.stopping.is_set():
@@ -287,6 +292,7 @@ class Producer:
         queue = self.queue
         with self._lock:
             freed, self._freed = self._freed, set()
+            unblocks = list(self._unblocks)
         result = self.guarded(
             lambda: queue.exchange(
                 [(item.job, item.followups) for item in taken],
@@ -308,6 +314,10 @@ class Producer:
             with self._lock:
                 for index, until_ms in result.blocked.items():
                     group_index = self._groups.index(plan[index][0])
+                    if self._unblocks[group_index] != unblocks[group_index]:
+                        # A permit freed while the claim ran (a run of this worker ended,
+                        # or another's was announced): its count is stale, look again.
+                        continue
                     wait_s = min(
                         max(until_ms - result.now_ms, 1) / 1000, self.worker.poll_interval_s
                     )
