@@ -208,8 +208,7 @@ class SQLiteDialect(Dialect):
     def payload_field(self, name: str) -> ColumnElement[str]:
         # json_extract raises on a payload that is not JSON; json_valid keeps such a row
         # (another program's) from failing every claim of its kinds.
-        path: ColumnElement[str] = literal_column(f"'$.\"{name}\"'")
-        value = func.json_extract(jobs.c.payload_json, path)
+        value = func.json_extract(jobs.c.payload_json, literal(f'$."{name}"', Text))
         valid = func.json_valid(jobs.c.payload_json) == literal_column("1")
         return func.coalesce(case((valid, value.cast(Text))), _EMPTY)
 
@@ -278,10 +277,7 @@ class PostgresDialect(Dialect):
     def payload_field(self, name: str) -> ColumnElement[str]:
         # A payload that is not JSON fails the statement (22P02): the store fails such
         # ready rows as unreadable and claims again (see memtree.store.claim_limited).
-        # Literals, not binds: a GROUP BY over this must render it the same way twice.
-        field = jobs.c.payload_json.cast(JSONB).op("->>", return_type=Text)(
-            literal_column(f"'{name}'")
-        )
+        field = jobs.c.payload_json.cast(JSONB).op("->>", return_type=Text)(literal(name, Text))
         return func.coalesce(field, _EMPTY)
 
     def lock_limits(

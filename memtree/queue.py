@@ -10,6 +10,7 @@ own writes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from memtree.dialects import dialect_for
 from memtree.engine import begin_write, configure_engine, create_engine, sync_url
 from memtree.errors import (
     ConfigurationError,
+    DatabaseError,
     SchemaMissingError,
     SchemaNewerError,
     SchemaOutdatedError,
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
         AsyncSession,
         async_scoped_session,
     )
+
+log = logging.getLogger("memtree.queue")
 
 __all__ = [
     "AsyncCallerTransaction",
@@ -386,69 +390,100 @@ class Queue:
         ``notify`` are announced to listening workers at commit (a permit of theirs freed).
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
+        kinds = sorted(set(notify))
+        limited = any(group.limit is not None for group in groups)
+        if done and limited and not self.dialect.serialised_writes:
+            # A limit's lock is held until its transaction commits, and a settle's commit
+            # waits for the disk: claiming in a transaction of its own, whose commit does
+            # not (relax_claim_commit), holds the lock for a few round trips instead, so
+            # the fleet's claims through one limit do not queue behind each other's flushes.
+            with self.transaction() as conn:
+                outcome = self._settle_batch(conn, done, kinds)
+            try:
+                with self.transaction() as conn:
+                    store.relax_claim_commit(conn)
+                    claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+            except DatabaseError as exc:
+                # The settle committed: report it, and claim again next round.
+                log.warning("memtree claim failed after its settle committed: %s", exc)
+                claimed, blocked, now = [[] for _ in groups], {}, self.now_ms()
+        else:
+            with self.transaction() as conn:
+                if not done:
+                    store.relax_claim_commit(conn)
+                outcome = self._settle_batch(conn, done, kinds)
+                claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+        if any(followups for job, followups in done if job.id in outcome.settled):
+            wakeup.signal(self.engine)
+        return Exchange(outcome, claimed, blocked, now)
+
+    def _settle_batch(
+        self, conn: Connection, done: Sequence[tuple[Job, Sequence[NewJob]]], notify: list[str]
+    ) -> SettledBatch:
+        outcome = (
+            settle.mark_done_many(
+                conn, done, now_ms=self.now_ms(), default_max_attempts=self.max_attempts
+            )
+            if done
+            else SettledBatch()
+        )
+        if notify:
+            store.notify(conn, notify)
+        return outcome
+
+    def _claim_groups(
+        self, conn: Connection, groups: Sequence[ClaimGroup], limit: int, lease: int
+    ) -> tuple[list[list[Job]], dict[int, int], int]:
+        """Claim each group in order, at most ``limit`` in all: the jobs per group, when
+        to look again at each group a limit held back, and the time the limits used."""
+        now = self.now_ms()
         claimed: list[list[Job]] = []
         blocked: dict[int, int] = {}
         limits = [group.limit for group in groups if group.limit is not None]
-        with self.transaction() as conn:
-            if not done:
-                store.relax_claim_commit(conn)
-            now = self.now_ms()
-            outcome = (
-                settle.mark_done_many(
-                    conn, done, now_ms=now, default_max_attempts=self.max_attempts
+        refused: set[str] = set()
+        limits_now = now
+        if limits:
+            gates = sorted({x.gate.name for x in limits if x.gate is not None})
+            rates = sorted({x.rate.name for x in limits if x.rate is not None})
+            refused = store.lock_limits(conn, gates, rates)
+            # Under the locks, the server's clock: the starts a window counts are then in
+            # the order the locks serialised them.
+            if not self._test_clock:
+                limits_now = store.database_clock_ms(conn) or now
+        left = limit
+        for index, group in enumerate(groups):
+            wanted = min(group.cap, left)
+            jobs: list[Job] = []
+            if wanted <= 0:
+                pass
+            elif group.limit is None:
+                jobs = store.claim(
+                    conn,
+                    now_ms=now,
+                    limit=wanted,
+                    lock_duration_ms=lease,
+                    claim_order=self.claim_order,
+                    retired_kinds=self.retired_kinds,
+                    kinds=group.kinds,
                 )
-                if done
-                else SettledBatch()
-            )
-            refused: set[str] = set()
-            limits_now = now
-            if limits:
-                gates = sorted({x.gate.name for x in limits if x.gate is not None})
-                rates = sorted({x.rate.name for x in limits if x.rate is not None})
-                refused = store.lock_limits(conn, gates, rates)
-                # Under the locks, the server's clock: the starts a window counts are then
-                # in the order the locks serialised them.
-                if not self._test_clock:
-                    limits_now = store.database_clock_ms(conn) or now
-            left = limit
-            for index, group in enumerate(groups):
-                wanted = min(group.cap, left)
-                jobs: list[Job] = []
-                if wanted <= 0:
-                    pass
-                elif group.limit is None:
-                    jobs = store.claim(
-                        conn,
-                        now_ms=now,
-                        limit=wanted,
-                        lock_duration_ms=lease,
-                        claim_order=self.claim_order,
-                        retired_kinds=self.retired_kinds,
-                        kinds=group.kinds,
-                    )
-                elif refused.intersection(group.limit.names):
-                    blocked[index] = limits_now + _LIMIT_BUSY_RETRY_MS
-                else:
-                    jobs, until = store.claim_limited(
-                        conn,
-                        group.limit,
-                        now_ms=limits_now,
-                        want=wanted,
-                        lock_duration_ms=lease,
-                        claim_order=self.claim_order,
-                        retired_kinds=self.retired_kinds,
-                        kinds=group.kinds,
-                    )
-                    if until is not None:
-                        blocked[index] = until
-                left -= len(jobs)
-                claimed.append(jobs)
-            kinds = sorted(set(notify))
-            if kinds:
-                store.notify(conn, kinds)
-        if any(followups for job, followups in done if job.id in outcome.settled):
-            wakeup.signal(self.engine)
-        return Exchange(outcome, claimed, blocked, limits_now)
+            elif refused.intersection(group.limit.names):
+                blocked[index] = limits_now + _LIMIT_BUSY_RETRY_MS
+            else:
+                jobs, until = store.claim_limited(
+                    conn,
+                    group.limit,
+                    now_ms=limits_now,
+                    want=wanted,
+                    lock_duration_ms=lease,
+                    claim_order=self.claim_order,
+                    retired_kinds=self.retired_kinds,
+                    kinds=group.kinds,
+                )
+                if until is not None:
+                    blocked[index] = until
+            left -= len(jobs)
+            claimed.append(jobs)
+        return claimed, blocked, limits_now
 
     def consume(self, rate: RateLimit, *, key: str | None = None, weight: int = 1) -> bool:
         """:func:`consume` in a transaction of its own."""
