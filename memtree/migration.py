@@ -37,7 +37,7 @@ from sqlalchemy import table as table_clause
 
 from memtree.engine import begin_write
 from memtree.errors import SchemaError
-from memtree.models import RATE_EVENTS_TABLE, SCHEDULES_TABLE, TABLE_NAME, Base
+from memtree.models import PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE, TABLE_NAME, Base
 
 __all__ = [
     "BRANCH_LABEL",
@@ -68,7 +68,7 @@ HOST_VERSION_TABLE = "alembic_version"
 # Any constant works; it only has to be the same in every memtree process.
 _PG_MIGRATION_LOCK = 0x6D656D74  # "memt"
 #: memtree's tables besides the jobs: they are memtree's own, the original never had them.
-_OWN_TABLES = (RATE_EVENTS_TABLE, SCHEDULES_TABLE)
+_OWN_TABLES = (PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)
 #: The tables memtree's schema consists of: its jobs, its own tables and its version table.
 _MEMTREE_TABLES = frozenset({TABLE_NAME, *_OWN_TABLES, VERSION_TABLE})
 #: A column only memtree's revisions add (memtree_0003): the original never had it.
@@ -115,7 +115,12 @@ _REVISION_ADDS: dict[str, frozenset[str]] = {
     ),
     "memtree_0004": frozenset({"column cancel_requested_at_ms"}),
     "memtree_0005": frozenset({"column heal_count"}),
-    "memtree_0006": frozenset({f"table {RATE_EVENTS_TABLE}", f"table {SCHEDULES_TABLE}"}),
+    "memtree_0006": frozenset(
+        {
+            "index ix_mem_tree_jobs_running (kind, locked_until_ms)",
+            *(f"table {name}" for name in (PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)),
+        }
+    ),
 }
 
 

@@ -18,19 +18,24 @@ from sqlalchemy import BigInteger, Index, Integer, MetaData, Table, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "PERMITS_TABLE",
     "RATE_EVENTS_TABLE",
     "SCHEDULES_TABLE",
     "TABLE_NAME",
     "Base",
     "MemTreeJob",
+    "MemTreePermit",
     "MemTreeRateEvent",
     "MemTreeSchedule",
     "jobs",
+    "permits",
     "rate_events",
     "schedules",
 ]
 
 TABLE_NAME = "mem_tree_jobs"
+#: memtree's own: one row per permit of a global gate (see :class:`MemTreePermit`).
+PERMITS_TABLE = "mem_tree_permits"
 #: memtree's own: one row per start a rate limit counted (see :class:`MemTreeRateEvent`).
 RATE_EVENTS_TABLE = "mem_tree_rate_events"
 #: memtree's own: the last slot each periodic schedule enqueued.
@@ -105,7 +110,31 @@ class MemTreeJob(Base):
             sqlite_where=text("status = 'ready'"),
             postgresql_where=text("status = 'ready'"),
         ),
+        # memtree's own (memtree_0006): a global gate counts its holders, and recovery
+        # finds expired leases, among the running rows only.
+        Index(
+            "ix_mem_tree_jobs_running",
+            "kind",
+            "locked_until_ms",
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
     )
+
+
+class MemTreePermit(Base):
+    """One permit of a global gate: free, or held by the claim of ``job_id`` it names
+    (with that claim's ``lease_token``). A permit is free again once that claim no longer
+    holds its job running under a live lease, so a settle, a release and a recovery free
+    it without touching this table, and a stale claim frees nothing. Claims take free
+    permits with ``FOR UPDATE SKIP LOCKED``, so workers never wait on each other's."""
+
+    __tablename__ = PERMITS_TABLE
+
+    gate: Mapped[str] = mapped_column(Text, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    lease_token: Mapped[str | None] = mapped_column(Text)
 
 
 class MemTreeRateEvent(Base):
@@ -145,5 +174,6 @@ class MemTreeSchedule(Base):
 
 #: The Core table the store and settle statements are built on.
 jobs = cast(Table, MemTreeJob.__table__)
+permits = cast(Table, MemTreePermit.__table__)
 rate_events = cast(Table, MemTreeRateEvent.__table__)
 schedules = cast(Table, MemTreeSchedule.__table__)

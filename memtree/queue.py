@@ -390,7 +390,7 @@ class Queue:
         ``notify`` are announced to listening workers at commit (a permit of theirs freed).
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
-        kinds = sorted(set(notify))
+        freed = set(notify)
         limited = any(group.limit is not None for group in groups)
         if done and limited and not self.dialect.serialised_writes:
             # A limit's lock is held until its transaction commits, and a settle's commit
@@ -398,11 +398,12 @@ class Queue:
             # not (relax_claim_commit), holds the lock for a few round trips instead, so
             # the fleet's claims through one limit do not queue behind each other's flushes.
             with self.transaction() as conn:
-                outcome = self._settle_batch(conn, done, kinds)
+                outcome = self._settle_batch(conn, done)
             try:
                 with self.transaction() as conn:
                     store.relax_claim_commit(conn)
                     claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+                    self._announce(conn, freed, groups, blocked)
             except DatabaseError as exc:
                 # The settle committed: report it, and claim again next round.
                 log.warning("memtree claim failed after its settle committed: %s", exc)
@@ -411,14 +412,30 @@ class Queue:
             with self.transaction() as conn:
                 if not done:
                     store.relax_claim_commit(conn)
-                outcome = self._settle_batch(conn, done, kinds)
+                outcome = self._settle_batch(conn, done)
                 claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+                self._announce(conn, freed, groups, blocked)
         if any(followups for job, followups in done if job.id in outcome.settled):
             wakeup.signal(self.engine)
         return Exchange(outcome, claimed, blocked, now)
 
+    def _announce(
+        self,
+        conn: Connection,
+        freed: set[str],
+        groups: Sequence[ClaimGroup],
+        blocked: dict[int, int],
+    ) -> None:
+        """Tell listening workers of the kinds whose permits freed here, unless this claim
+        took them all back (its limit is full again): waking the fleet then would only have
+        every worker ask for permits none of them can get."""
+        full = {kind for index in blocked for kind in groups[index].kinds}
+        kinds = sorted(freed - full)
+        if kinds:
+            store.notify(conn, kinds)
+
     def _settle_batch(
-        self, conn: Connection, done: Sequence[tuple[Job, Sequence[NewJob]]], notify: list[str]
+        self, conn: Connection, done: Sequence[tuple[Job, Sequence[NewJob]]]
     ) -> SettledBatch:
         outcome = (
             settle.mark_done_many(
@@ -427,8 +444,6 @@ class Queue:
             if done
             else SettledBatch()
         )
-        if notify:
-            store.notify(conn, notify)
         return outcome
 
     def _claim_groups(
@@ -443,12 +458,18 @@ class Queue:
         refused: set[str] = set()
         limits_now = now
         if limits:
-            gates = sorted({x.gate.name for x in limits if x.gate is not None})
+            gates = sorted(
+                {
+                    x.gate.name
+                    for x in limits
+                    if x.gate is not None and not store.uses_permit_rows(conn, x.gate)
+                }
+            )
             rates = sorted({x.rate.name for x in limits if x.rate is not None})
             refused = store.lock_limits(conn, gates, rates)
-            # Under the locks, the server's clock: the starts a window counts are then in
-            # the order the locks serialised them.
-            if not self._test_clock:
+            # Under a rate limit's lock, the server's clock: the starts its window counts
+            # are then in the order the locks serialised them.
+            if rates and not self._test_clock:
                 limits_now = store.database_clock_ms(conn) or now
         left = limit
         for index, group in enumerate(groups):

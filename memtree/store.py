@@ -60,7 +60,7 @@ from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
 from memtree.limits import Gate, Limit, RateLimit, lock_key
-from memtree.models import MemTreeJob, jobs, rate_events, schedules
+from memtree.models import MemTreeJob, jobs, permits, rate_events, schedules
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -750,6 +750,8 @@ def lock_limits(executor: Executor, wait: Sequence[str], attempt: Sequence[str] 
     claims only for the moment of a claim), trying each of ``attempt`` (which an
     application's transaction may hold for as long as it runs). Returns the names of
     ``attempt`` another transaction holds; their kinds must not be claimed now."""
+    if not wait and not attempt:
+        return set()
     statement = dialect_of(executor).lock_limits(
         [lock_key(name) for name in wait], [lock_key(name) for name in attempt]
     )
@@ -953,6 +955,93 @@ def _claim_ids_statement() -> Update:
     )
 
 
+def uses_permit_rows(executor: Executor, gate: Gate) -> bool:
+    """Whether ``gate``'s permits are rows of ``mem_tree_permits`` (an unkeyed global gate
+    where claims lock rows): claims then take free permits with ``SKIP LOCKED`` and never
+    wait on each other. Elsewhere a claim counts the holders under the gate's lock."""
+    return gate.key is None and not dialect_of(executor).serialised_writes
+
+
+#: The (database, gate, limit) whose permit rows this process has made.
+_PERMITS_MADE: set[tuple[str, str, int]] = set()
+#: How long a claim that found a permit-row gate full may wait before looking again,
+#: if nothing announces a freed permit sooner (workers cap it at their poll interval).
+_LEASE_POLL_MS = 60_000
+
+
+def take_permits(executor: Executor, gate: Gate, now_ms: int, want: int) -> list[int]:
+    """Lock up to ``want`` free permits of ``gate`` (skipping those other claims hold
+    locked) for this transaction; their slots. A permit is free when the claim it names
+    no longer holds its job running under a live lease."""
+    # The gate's rows are made by the first claim of each process (and again when a claim
+    # finds none free and fewer rows than the limit: the table was emptied meanwhile).
+    key = (_url_of(executor), gate.name, gate.limit)
+    if key not in _PERMITS_MADE:
+        _make_permits(executor, gate)
+        _PERMITS_MADE.add(key)
+    held: Select[Any] = (
+        select(literal_column("1"))
+        .where(jobs.c.id == permits.c.job_id)
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.lease_token == permits.c.lease_token)
+        .where(jobs.c.locked_until_ms >= now_ms)
+    )
+    free = (
+        select(permits.c.slot)
+        .where(permits.c.gate == gate.name)
+        .where(permits.c.slot < gate.limit)
+        .where(~held.exists())
+        .order_by(permits.c.slot)
+        .limit(want)
+        .with_for_update(skip_locked=True, of=permits)
+    )
+    slots = [int(slot) for slot in executor.execute(free).scalars()]
+    if not slots and _permit_count(executor, gate) < gate.limit:
+        _make_permits(executor, gate)  # its rows are gone: the table was emptied meanwhile
+        slots = [int(slot) for slot in executor.execute(free).scalars()]
+    return slots
+
+
+def _permit_count(executor: Executor, gate: Gate) -> int:
+    statement = (
+        select(func.count())
+        .select_from(permits)
+        .where(permits.c.gate == gate.name)
+        .where(permits.c.slot < gate.limit)
+    )
+    return int(executor.execute(statement).scalar_one())
+
+
+def _url_of(executor: Executor) -> str:
+    if isinstance(executor, Session):
+        return str(executor.get_bind(MemTreeJob).engine.url)
+    return str(executor.engine.url)
+
+
+def _make_permits(executor: Executor, gate: Gate) -> None:
+    executor.execute(
+        dialect_of(executor).insert_if_absent(permits),
+        [{"gate": gate.name, "slot": slot} for slot in range(gate.limit)],
+    )
+
+
+def assign_permits(
+    executor: Executor, gate: Gate, slots: Sequence[int], claimed: Sequence[Job]
+) -> None:
+    """Name each claimed job (and its claim's token) as the holder of one taken permit."""
+    if claimed:
+        executor.execute(
+            update(permits)
+            .where(permits.c.gate == bindparam("p_gate"))
+            .where(permits.c.slot == bindparam("p_slot"))
+            .values(job_id=bindparam("p_job"), lease_token=bindparam("p_token")),
+            [
+                {"p_gate": gate.name, "p_slot": slot, "p_job": job.id, "p_token": job.lease_token}
+                for slot, job in zip(slots, claimed, strict=False)
+            ],
+        )
+
+
 def claim_limited(
     executor: Executor,
     limit: Limit,
@@ -971,15 +1060,25 @@ def claim_limited(
     if not kinds or want < 1:
         return [], None
     gate, rate = limit.gate, limit.rate
-    held, expiry = gate_holders(executor, gate, now_ms) if gate else ({}, None)
+    rows = gate is not None and uses_permit_rows(executor, gate)
+    held, expiry = gate_holders(executor, gate, now_ms) if gate and not rows else ({}, None)
     used, rolls_at = rate_used(executor, rate, now_ms) if rate else ({}, None)
     blocked = min((t for t in (expiry, rolls_at) if t is not None), default=None)
     if not limit.partitioned:
         room = want
-        if gate is not None:
+        if gate is not None and not rows:
             room = min(room, gate.limit - held.get("", 0))
         if rate is not None:
             room = min(room, rate.limit - used.get("", 0))
+        permits: list[int] = []
+        if rows and room > 0:
+            assert gate is not None
+            permits = take_permits(executor, gate, now_ms, room)
+            if len(permits) < room:
+                # The gate is full. A permit freed by a settle is announced; one whose
+                # holder died frees at its lease's end, which the worker's poll finds.
+                blocked = min((t for t in (rolls_at,) if t), default=now_ms + _LEASE_POLL_MS)
+            room = len(permits)
         if room <= 0:
             return [], blocked
         claimed = claim(
@@ -991,6 +1090,9 @@ def claim_limited(
             retired_kinds=retired_kinds,
             kinds=kinds,
         )
+        if rows:
+            assert gate is not None
+            assign_permits(executor, gate, permits, claimed)
         if rate is not None:
             record_starts(executor, rate, [("", 1, job.id) for job in claimed], now_ms)
         return claimed, blocked if len(claimed) == room < want else None

@@ -304,3 +304,26 @@ def test_consume_async_in_the_applications_async_session(wall_queue: Queue, db_u
 
     assert asyncio.run(requests()) == [True, True, False]
     assert wall_queue.limit_state(rate).used == {"": 2}
+
+
+def test_a_global_gates_permits_are_made_again_if_their_rows_are_gone(queue: Queue) -> None:
+    from sqlalchemy import delete, func, select
+
+    from memtree.models import permits
+
+    queue.enqueue_many([NewJob("llm") for _ in range(4)])
+    gate = Limit(gate=Gate("llm", 2, ["llm"], scope="global"))
+    assert len(claim(queue, gate, want=1)) == 1
+    with queue.engine.begin() as conn:
+        conn.execute(delete(permits))  # an operator emptied the table under the worker
+    taken = claim(queue, gate)
+    with queue.engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(permits)).scalar_one()
+    if queue.dialect.serialised_writes:
+        assert rows == 0  # SQLite counts running rows: it has no permit rows
+        assert len(taken) == 1
+    else:
+        assert rows == 2
+        # The first claim's permit row is gone with the table: its job runs on, but the
+        # gate's two permits are free again (a limit of 2 with 3 running, until it ends).
+        assert len(taken) == 2

@@ -101,7 +101,7 @@ COLUMNS_AT: dict[str, set[str] | None] = {
     | CANCEL_COLUMNS
     | HEAL_COLUMNS,
 }
-# memtree_0006 adds tables of memtree's own and leaves mem_tree_jobs as it was.
+# memtree_0006 adds tables of memtree's own and an index; mem_tree_jobs' columns stay.
 COLUMNS_AT["memtree_0006"] = COLUMNS_AT["memtree_0005"]
 ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_ready",
@@ -109,6 +109,8 @@ ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_dedupe_active",
 }
 CLAIM_INDEX = "ix_mem_tree_jobs_claim"
+#: memtree_0006's index over running rows.
+RUNNING_INDEX = "ix_mem_tree_jobs_running"
 DEDUPE_INDEX = "idx_mem_tree_jobs_dedupe_active"
 
 
@@ -233,8 +235,9 @@ def test_upgrade_to_head_records_head_in_memtrees_own_version_table(engine: Engi
     assert version_rows(engine, migration.VERSION_TABLE) == [HEAD]
     assert migration.current(engine) == HEAD
     assert job_columns(engine) == set(jobs.c.keys()) == COLUMNS_AT[HEAD]
-    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX}
+    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX, RUNNING_INDEX}
     assert "WHERE" in index_definition(engine, CLAIM_INDEX).upper()
+    assert "WHERE" in index_definition(engine, RUNNING_INDEX).upper()
     assert_dedupe_index_is_partial(engine)
 
 
@@ -256,7 +259,7 @@ def test_upgrade_then_downgrade_to_base_round_trips(engine: Engine) -> None:
     migration.upgrade(engine)
     assert migration.current(engine) == HEAD
     assert job_columns(engine) == COLUMNS_AT[HEAD]
-    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX}
+    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX, RUNNING_INDEX}
     migration.check(engine)
 
 
@@ -545,7 +548,7 @@ def test_migrate_adopts_the_original_table_and_keeps_every_row(
     assert version_rows(engine, migration.VERSION_TABLE) == [HEAD]
     assert "alembic_version" not in table_names(engine)
     assert job_columns(engine) == COLUMNS_AT[HEAD]
-    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX}
+    assert job_indexes(engine) == ORIGINAL_INDEXES | {CLAIM_INDEX, RUNNING_INDEX}
     expected = sorted(original_db, key=lambda row: row["id"])
     assert read_columns(engine, original_columns) == expected
     new_columns = read_columns(engine, ["id", "lease_token", "failure_reason", "failure_class"])

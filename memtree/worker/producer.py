@@ -100,6 +100,12 @@ class Producer:
         self._unblocks: list[int] = [0] * len(groups)
         #: Kinds whose global permits freed here since the last claim: notified with it.
         self._freed: set[str] = set()
+        #: Per group with a global gate, this worker's runs of it that ended since its
+        #: limit was found full, and how many make a claim worth a transaction: a quarter
+        #: of what the worker could run of it, as for its slots, so a full gate is
+        #: claimed from in batches rather than one permit per claim.
+        self._returned = [0] * len(groups)
+        self._batch_of = [self._gate_batch(group) for group in groups]
 
         self._lock = threading.Lock()
         self.wake = threading.Event()
@@ -161,11 +167,20 @@ class Producer:
         follower = chain.follower if chain is not None else None
         with self._lock:
             self._running.pop(run.job.id, None)
+            permit_freed = False
             if run.gate is not None:
                 self._gate_busy[run.gate.name] -= 1
+                permit_freed = not run.gate.is_global
                 if run.gate.is_global:
                     self._freed.add(run.job.kind)
-                    self._unblock(run.job.kind)
+                    index = self._groups.index(self._group_of[run.job.kind])
+                    self._returned[index] += 1
+                    if (
+                        self._returned[index] >= self._batch_of[index]
+                        or self._gate_busy[run.gate.name] == 0
+                    ):
+                        self._unblock(run.job.kind)
+                        permit_freed = True
             for gate in chain.reserved if chain is not None else ():
                 self._gate_busy[gate.name] -= 1
             if follower is not None:
@@ -179,7 +194,7 @@ class Producer:
             # successor. Waking it for every job of a fast kind costs more than the jobs.
             wake = (
                 (done is None and follower is None)
-                or (run.gate is not None and (follower is None or follower.gate is not run.gate))
+                or (permit_freed and (follower is None or follower.gate is not run.gate))
                 or not self._running
                 or first
                 or self.concurrency - len(self._running) == self._claim_batch
@@ -207,6 +222,13 @@ class Producer:
                 self._unblock(kind)
             self.wake.set()
 
+    def _gate_batch(self, group: Group) -> int:
+        gate = group.limit.gate if group.limit is not None else None
+        if gate is None:
+            return 1
+        room = self.concurrency if gate.key else min(gate.limit, self.concurrency)
+        return max(1, room // 4)
+
     def _unblock(self, kind: str) -> None:
         """A permit of ``kind``'s group may have freed: look at its limit again (under the
         lock)."""
@@ -230,7 +252,7 @@ class Producer:
             with self._lock:
                 busy = bool(self._running) or bool(self.completer.pending)
             flush_in = self.completer.flush_in()
-            timeout, due_now = self._idle_timeout()
+            timeout, due_now = self._idle_timeout(until_idle)
             if until_idle and not busy and not due_now:
                 return
             if flush_in is not None:
@@ -261,6 +283,7 @@ class Producer:
                 cap = free if gate is None else gate.limit - self._gate_busy[gate.name]
                 if cap > 0:
                     plan.append((group, cap))
+                    self._returned[index] = 0
                     if gate is not None:
                         self._gate_busy[gate.name] += cap
         return free, plan
@@ -364,7 +387,7 @@ class Producer:
                 for kind in group.kinds
             )
 
-    def _idle_timeout(self) -> tuple[float | None, bool]:
+    def _idle_timeout(self, until_idle: bool = False) -> tuple[float | None, bool]:
         """Seconds until something is due (a scheduled job, a heartbeat, maintenance), and
         whether a job this worker could claim is due already."""
         now = time.monotonic()
@@ -386,10 +409,11 @@ class Producer:
                     # row for a moment, or the database is busy. Look again shortly.
                     return min(self.worker.poll_interval_s, 0.05), True
                 deadlines.append(now + wait)
-            waiting = self._limited_kinds()
+            waiting = self._limited_kinds() if until_idle else ()
             if waiting:
                 # Behind a full fleet-wide limit: not idle while its jobs are due, but
-                # asleep until a permit frees or the limit's own time comes.
+                # asleep until a permit frees or the limit's own time comes (a worker that
+                # runs until stopped needs no such answer: it waits for those anyway).
                 due_ms = self.guarded(lambda: self.queue.next_due_ms(waiting), "poll")
                 if due_ms is not None and due_ms <= self.queue.now_ms():
                     with self._lock:

@@ -1,9 +1,11 @@
-"""memtree's own: the tables of fleet-wide rate limits and periodic schedules.
+"""memtree's own: the tables of fleet-wide limits and periodic schedules.
 
-``mem_tree_rate_events`` holds one row per start a rate limit counted, in a sliding
-window on the database's clock; ``mem_tree_schedules`` the last slot each periodic
-schedule enqueued. Both are new tables: ``mem_tree_jobs`` is unchanged, so the original
-crate reads and writes it as before.
+``mem_tree_permits`` holds the permits of global gates, one row per permit, each naming
+the claim that holds it; ``mem_tree_rate_events`` one row per start a rate limit
+counted, in a sliding window on the database's clock; ``mem_tree_schedules`` the last
+slot each periodic schedule enqueued. ``mem_tree_jobs`` gains only an index, partial
+over running rows, that counts a gate's holders and finds expired leases without reading
+the rest of the table; the original crate reads and writes the table as before.
 
 Revision ID: memtree_0006
 Revises: memtree_0005
@@ -24,6 +26,21 @@ Millis = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
+    op.create_index(
+        "ix_mem_tree_jobs_running",
+        "mem_tree_jobs",
+        ["kind", "locked_until_ms"],
+        sqlite_where=sa.text("status = 'running'"),
+        postgresql_where=sa.text("status = 'running'"),
+    )
+    op.create_table(
+        "mem_tree_permits",
+        sa.Column("gate", sa.Text(), nullable=False),
+        sa.Column("slot", sa.Integer(), nullable=False),
+        sa.Column("job_id", sa.Text(), nullable=True),
+        sa.Column("lease_token", sa.Text(), nullable=True),
+        sa.PrimaryKeyConstraint("gate", "slot", name="pk_mem_tree_permits"),
+    )
     op.create_table(
         "mem_tree_rate_events",
         sa.Column(
@@ -55,5 +72,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("mem_tree_schedules")
+    op.drop_table("mem_tree_permits")
+    op.drop_index("ix_mem_tree_jobs_running", table_name="mem_tree_jobs")
     op.drop_index("ix_mem_tree_rate_events_window", table_name="mem_tree_rate_events")
     op.drop_table("mem_tree_rate_events")
