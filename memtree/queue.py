@@ -391,8 +391,8 @@ class Queue:
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         freed = set(notify)
-        limited = any(group.limit is not None for group in groups)
-        if done and limited and not self.dialect.serialised_writes:
+        locking = any(group.limit is not None and self._locks_for(group.limit) for group in groups)
+        if done and locking and not self.dialect.serialised_writes:
             # A limit's lock is held until its transaction commits, and a settle's commit
             # waits for the disk: claiming in a transaction of its own, whose commit does
             # not (relax_claim_commit), holds the lock for a few round trips instead, so
@@ -418,6 +418,13 @@ class Queue:
         if any(followups for job, followups in done if job.id in outcome.settled):
             wakeup.signal(self.engine)
         return Exchange(outcome, claimed, blocked, now)
+
+    def _locks_for(self, limit: Limit) -> bool:
+        """Whether claims through ``limit`` take a transaction-scoped lock (a rate limit,
+        a keyed gate); an unkeyed global gate's permits are rows taken SKIP LOCKED."""
+        if limit.rate is not None:
+            return True
+        return limit.gate is not None and limit.gate.key is not None
 
     def _announce(
         self,

@@ -1028,17 +1028,18 @@ def _make_permits(executor: Executor, gate: Gate) -> None:
 def assign_permits(
     executor: Executor, gate: Gate, slots: Sequence[int], claimed: Sequence[Job]
 ) -> None:
-    """Name each claimed job (and its claim's token) as the holder of one taken permit."""
-    if claimed:
+    """Name each claimed job (and its claim's token) as the holder of one taken permit,
+    in one statement."""
+    pairs = list(zip(slots, claimed, strict=False))
+    if pairs:
         executor.execute(
-            update(permits)
-            .where(permits.c.gate == bindparam("p_gate"))
-            .where(permits.c.slot == bindparam("p_slot"))
-            .values(job_id=bindparam("p_job"), lease_token=bindparam("p_token")),
-            [
-                {"p_gate": gate.name, "p_slot": slot, "p_job": job.id, "p_token": job.lease_token}
-                for slot, job in zip(slots, claimed, strict=False)
-            ],
+            dialect_of(executor).assign_permits(),
+            {
+                "p_gate": gate.name,
+                "p_slots": [slot for slot, _ in pairs],
+                "p_jobs": [job.id for _, job in pairs],
+                "p_tokens": [job.lease_token for _, job in pairs],
+            },
         )
 
 
