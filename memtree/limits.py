@@ -3,8 +3,10 @@
 
 A gate's ``scope`` says where its limit holds. ``"process"`` counts this worker's own
 runs, in memory. ``"global"`` counts every worker process on the database: a permit is
-the running row itself, a job of the gate's kinds that is ``running`` under a lease that
-has not expired. A permit is therefore taken by the claim and in its transaction, freed
+held by a claim whose job is ``running`` under a lease that has not expired (on
+PostgreSQL an unkeyed gate's permits are rows of ``mem_tree_permits`` naming their claim,
+taken ``SKIP LOCKED``; otherwise the running rows of the gate's kinds are counted under
+the gate's lock). A permit is therefore taken by the claim and in its transaction, freed
 by whatever ends the run (its settle, a shutdown's release, the recovery of a dead
 worker's lease), never outlives its lease, and a stale worker cannot free a permit its
 claim no longer holds: its settle is fenced to the claim. A global gate with a ``key``
