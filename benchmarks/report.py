@@ -111,6 +111,15 @@ def checks(sizes: Sizes) -> list[Check]:
             target=0.8,
         )
     )
+    out.append(
+        Check(
+            fl,
+            "gated drain, Gate limit 64, 4 processes of 16 slots / ungated, same slots",
+            mp,
+            "gate64-4p-c16",
+            other_case="noop-4p-c16",
+        )
+    )
     for case, keyed in (("keyed1000x1-4p", "limit 1"), ("keyed1000x4-4p", "limit 4")):
         out.append(
             Check(

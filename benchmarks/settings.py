@@ -26,6 +26,8 @@ FLEET_GATES: tuple[tuple[str, int, int | None], ...] = (
 #: Worker processes of the fleet workload's gated drains (memtree and floor ungated also
 #: at 1, 2 and 4 processes: ``FLEET_PROCESSES``).
 FLEET_GATED_PROCESSES = 4
+#: Slots per worker in the fleet's equal-capacity drains: 4 x 16 = the gate's 64 permits.
+FLEET_EQUAL_CONCURRENCY = 16
 FLEET_PROCESSES = (1, 2, 4)
 
 #: The kind the transactional-completion drain uses.

@@ -19,6 +19,7 @@ import memtree
 from benchmarks import dbs, proc, sys_floor, sys_memtree
 from benchmarks.dbs import Databases, Target
 from benchmarks.settings import (
+    FLEET_EQUAL_CONCURRENCY,
     FLEET_GATED_PROCESSES,
     FLEET_GATES,
     FLEET_PROCESSES,
@@ -294,6 +295,7 @@ def _drain_sql(
     *,
     fleet: tuple[str, int, int | None] | None = None,
     workload: str = "drain",
+    concurrency: int | None = None,
 ) -> Measurement:
     """memtree's worker, or the floor, over jobs filled with raw SQL; in the fleet
     workload (``workload="fleet"``) its own job count and repeats, and memtree's workers
@@ -303,6 +305,8 @@ def _drain_sql(
     if workload == "fleet":
         jobs = run.sizes.fleet_drain
     batch = TX_CONCURRENCY[SYSTEMS[system].backend] if transactional else run.concurrency
+    if concurrency is not None:
+        batch = concurrency
     keys = fleet[2] if fleet is not None else None
 
     def measure() -> float:
@@ -347,6 +351,8 @@ def _drain_sql(
     case = "tx-1p" if transactional else f"noop-{processes}p"
     if fleet is not None:
         case = fleet[0]
+    if concurrency is not None:
+        case += f"-c{concurrency}"
     runs = run.sizes.fleet_repeats if workload == "fleet" else None
     return Measurement(workload, case, system, "jobs/s", measure, detail, runs=runs)
 
@@ -459,6 +465,21 @@ def fleet(run: Run) -> None:
             measurements += [
                 _drain_sql(run, system, FLEET_GATED_PROCESSES, False, fleet=g, workload="fleet")
                 for g in FLEET_GATES
+            ]
+            # The same gate when the fleet's slots are as many as its permits (4 x 16 =
+            # 64): the gate then costs only its own work, not the in-flight bound.
+            gate = FLEET_GATES[0]
+            measurements += [
+                _drain_sql(
+                    run,
+                    system,
+                    FLEET_GATED_PROCESSES,
+                    False,
+                    fleet=fleet_gate,
+                    workload="fleet",
+                    concurrency=FLEET_EQUAL_CONCURRENCY,
+                )
+                for fleet_gate in (None, gate)
             ]
     run.interleaved(measurements)
 
