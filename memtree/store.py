@@ -295,6 +295,19 @@ def _claim_statement(
     """The claim for one (database, claim order, retired kinds, kinds) combination, built
     once. Kinds are rendered into the statement, so each combination is its own entry."""
     dialect = dialect_for(dialect_name)
+    picked = _picked(dialect, claim_order, retired_kinds, kinds, None)
+    return dialect.claim(picked, _claim_values()).returning(*jobs.c)
+
+
+def _picked(
+    dialect: Dialect,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...],
+    kinds: tuple[str, ...] | None,
+    room: ColumnElement[Any] | None,
+) -> Select[Any]:
+    """The ids a claim takes: due ready rows, kind by kind in claim order, at most
+    ``:limit`` per kind and in all (and at most ``room``, when given)."""
     lock = dialect.skip_locked
     rest = len(claim_order)
     branches: list[Select[Any]] = []
@@ -313,15 +326,14 @@ def _claim_statement(
             if kind not in claim_order:
                 branches.append(_branch(jobs.c.kind == kind, rest, lock))
     if len(branches) == 1:
-        picked: Select[Any] = select(branches[0].subquery().c.id)
-    else:
-        merged = union_all(*(select(b.subquery()) for b in branches)).subquery()
-        picked = (
-            select(merged.c.id)
-            .order_by(merged.c.priority, merged.c.available_at_ms)
-            .limit(bindparam("limit"))
-        )
-    return dialect.claim(picked, _claim_values()).returning(*jobs.c)
+        only = select(branches[0].subquery().c.id)
+        return only if room is None else only.limit(room)
+    merged = union_all(*(select(b.subquery()) for b in branches)).subquery()
+    return (
+        select(merged.c.id)
+        .order_by(merged.c.priority, merged.c.available_at_ms)
+        .limit(bindparam("limit") if room is None else room)
+    )
 
 
 def _claim_values() -> dict[str, ColumnElement[Any]]:
@@ -955,6 +967,95 @@ def _claim_ids_statement() -> Update:
     )
 
 
+@lru_cache(maxsize=256)
+def _permit_claim_statement(
+    dialect_name: str,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...],
+    kinds: tuple[str, ...],
+) -> Select[Any]:
+    """A global gate's claim in one statement: lock up to ``:limit`` free permits of gate
+    ``:p_gate`` (``SKIP LOCKED``), claim as many due jobs, and name each claimed job and
+    its claim's token as the holder of one of those permits; returns the claimed rows.
+    (Parameters that name a column of an UPDATE would be taken as values to set: hence
+    ``p_gate``, not ``gate``.)"""
+    dialect = dialect_for(dialect_name)
+    held: Select[Any] = (
+        select(literal_column("1"))
+        .where(jobs.c.id == permits.c.job_id)
+        .where(jobs.c.status == RUNNING)
+        .where(jobs.c.lease_token == permits.c.lease_token)
+        .where(jobs.c.locked_until_ms >= bindparam("now"))
+    )
+    free = (
+        select(permits.c.slot)
+        .where(permits.c.gate == bindparam("p_gate"))
+        .where(permits.c.slot < bindparam("p_limit"))
+        .where(~held.exists())
+        .order_by(permits.c.slot)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True, of=permits)
+        .cte("free")
+        .prefix_with("MATERIALIZED")
+    )
+    room = select(func.count()).select_from(free).scalar_subquery()
+    picked = _picked(dialect, claim_order, retired_kinds, kinds, room)
+    claimed = dialect.claim(picked, _claim_values()).returning(*jobs.c).cte("claimed")
+    holders = select(
+        claimed.c.id,
+        claimed.c.lease_token,
+        func.row_number().over(order_by=claimed.c.id).label("n"),
+    ).cte("holders")
+    slots = select(free.c.slot, func.row_number().over(order_by=free.c.slot).label("n")).cte(
+        "slots"
+    )
+    assigned = (
+        update(permits)
+        .where(permits.c.gate == bindparam("p_gate"))
+        .where(permits.c.slot == slots.c.slot)
+        .where(slots.c.n == holders.c.n)
+        .values(job_id=holders.c.id, lease_token=holders.c.lease_token)
+        .returning(permits.c.slot)
+        .cte("assigned")
+    )
+    return select(*claimed.c).add_cte(assigned)
+
+
+def _claim_through_permits(
+    executor: Executor,
+    gate: Gate,
+    *,
+    now_ms: int,
+    want: int,
+    lock_duration_ms: int,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...],
+    kinds: tuple[str, ...],
+) -> list[Job]:
+    """Claim up to ``want`` jobs of ``kinds``, each holding a free permit of ``gate``."""
+    key = (_url_of(executor), gate.name, gate.limit)
+    if key not in _PERMITS_MADE:
+        _make_permits(executor, gate)
+        _PERMITS_MADE.add(key)
+    statement = _permit_claim_statement(
+        dialect_of(executor).name, claim_order, retired_kinds, kinds
+    )
+    token = uuid.uuid4().hex
+    params = {
+        "p_gate": gate.name,
+        "p_limit": gate.limit,
+        "now": now_ms,
+        "until": saturating(now_ms + lock_duration_ms),
+        "token": token,
+        "limit": want,
+    }
+    rows = executor.execute(statement, params).all()
+    if not rows and _permit_count(executor, gate) < gate.limit:
+        _make_permits(executor, gate)  # its rows are gone: the table was emptied meanwhile
+        rows = executor.execute(statement, params).all()
+    return _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
+
+
 def uses_permit_rows(executor: Executor, gate: Gate) -> bool:
     """Whether ``gate``'s permits are rows of ``mem_tree_permits`` (an unkeyed global gate
     where claims lock rows): claims then take free permits with ``SKIP LOCKED`` and never
@@ -1071,6 +1172,21 @@ def claim_limited(
             room = min(room, gate.limit - held.get("", 0))
         if rate is not None:
             room = min(room, rate.limit - used.get("", 0))
+        if rows and rate is None and room > 0:
+            assert gate is not None
+            claimed = _claim_through_permits(
+                executor,
+                gate,
+                now_ms=now_ms,
+                want=room,
+                lock_duration_ms=lock_duration_ms,
+                claim_order=claim_order,
+                retired_kinds=retired_kinds,
+                kinds=kinds,
+            )
+            # Fewer than wanted: the permits or the due jobs ran out. A freed permit and a
+            # new job are announced; the poll interval covers a holder that died.
+            return claimed, now_ms + _LEASE_POLL_MS if len(claimed) < want else None
         permits: list[int] = []
         if rows and room > 0:
             assert gate is not None
