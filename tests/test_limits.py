@@ -327,3 +327,21 @@ def test_a_global_gates_permits_are_made_again_if_their_rows_are_gone(queue: Que
         # The first claim's permit row is gone with the table: its job runs on, but the
         # gate's two permits are free again (a limit of 2 with 3 running, until it ends).
         assert len(taken) == 2
+
+
+def test_a_kind_under_a_global_gate_and_a_rate_limit_keeps_both(
+    queue: Queue, clock: FakeClock
+) -> None:
+    queue.enqueue_many([NewJob("llm") for _ in range(10)])
+    both = Limit(
+        gate=Gate("llm", 2, ["llm"], scope="global"), rate=RateLimit("calls", 3, 10.0, ["llm"])
+    )
+    first = claim(queue, both)
+    assert len(first) == 2  # the gate binds
+    for job in first:
+        assert queue.mark_done(job)
+    assert len(claim(queue, both)) == 1  # now the rate limit does: 3 starts in the window
+    assert claim(queue, both) == []  # one permit is free, but no start is left
+    clock.advance(10_000)
+    assert len(claim(queue, both)) == 1  # the window rolled: the one free permit is taken
+    assert claim(queue, both) == []  # and the gate is full (2 running)
