@@ -20,7 +20,6 @@ from sqlalchemy import (
     BindParameter,
     Executable,
     Insert,
-    Integer,
     Select,
     Table,
     Text,
@@ -44,7 +43,7 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.sql.elements import ColumnElement
 
 from memtree.errors import UnsupportedDatabaseError
-from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs, permits
+from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs
 
 __all__ = [
     "INSERT_COLUMNS",
@@ -141,12 +140,6 @@ class Dialect:
         the waits' columns). None where transactions that write are serialised anyway
         (SQLite: a claim's transaction holds the write lock from its first statement)."""
         return None
-
-    def assign_permits(self) -> Executable:
-        """An UPDATE naming, for the permits ``:p_slots`` of gate ``:p_gate``, the jobs
-        ``:p_jobs`` and their claims' ``:p_tokens`` (arrays in step) as their holders;
-        only where permits are rows (:func:`memtree.store.uses_permit_rows`)."""
-        raise NotImplementedError
 
     def notify_kinds(self) -> Executable | None:
         """A notification to listening workers that a ``:kind`` can be claimed again (a
@@ -293,23 +286,6 @@ class PostgresDialect(Dialect):
         columns = [func.pg_advisory_xact_lock(literal(a), literal(b)) for a, b in wait]
         columns += [func.pg_try_advisory_xact_lock(literal(a), literal(b)) for a, b in attempt]
         return select(*columns)
-
-    def assign_permits(self) -> Executable:
-        held = (
-            func.unnest(
-                bindparam("p_slots", type_=ARRAY(Integer)),
-                bindparam("p_jobs", type_=ARRAY(Text)),
-                bindparam("p_tokens", type_=ARRAY(Text)),
-            )
-            .table_valued("slot", "job_id", "lease_token")
-            .render_derived(name="held")
-        )
-        return (
-            update(permits)
-            .where(permits.c.gate == bindparam("p_gate", type_=Text))
-            .where(permits.c.slot == held.c.slot)
-            .values(job_id=held.c.job_id, lease_token=held.c.lease_token)
-        )
 
     def notify_kinds(self) -> Executable | None:
         return select(func.pg_notify(literal(NOTIFY_CHANNEL), bindparam("kind", type_=Text)))

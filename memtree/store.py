@@ -1032,7 +1032,9 @@ def _claim_through_permits(
     retired_kinds: tuple[str, ...],
     kinds: tuple[str, ...],
 ) -> list[Job]:
-    """Claim up to ``want`` jobs of ``kinds``, each holding a free permit of ``gate``."""
+    """Claim up to ``want`` jobs of ``kinds``, each holding a free permit of ``gate``. The
+    gate's permit rows are made by the first claim of each process, and again when a claim
+    finds none free and fewer rows than the limit (the table was emptied meanwhile)."""
     key = (_url_of(executor), gate.name, gate.limit)
     if key not in _PERMITS_MADE:
         _make_permits(executor, gate)
@@ -1070,39 +1072,6 @@ _PERMITS_MADE: set[tuple[str, str, int]] = set()
 _LEASE_POLL_MS = 60_000
 
 
-def take_permits(executor: Executor, gate: Gate, now_ms: int, want: int) -> list[int]:
-    """Lock up to ``want`` free permits of ``gate`` (skipping those other claims hold
-    locked) for this transaction; their slots. A permit is free when the claim it names
-    no longer holds its job running under a live lease."""
-    # The gate's rows are made by the first claim of each process (and again when a claim
-    # finds none free and fewer rows than the limit: the table was emptied meanwhile).
-    key = (_url_of(executor), gate.name, gate.limit)
-    if key not in _PERMITS_MADE:
-        _make_permits(executor, gate)
-        _PERMITS_MADE.add(key)
-    held: Select[Any] = (
-        select(literal_column("1"))
-        .where(jobs.c.id == permits.c.job_id)
-        .where(jobs.c.status == RUNNING)
-        .where(jobs.c.lease_token == permits.c.lease_token)
-        .where(jobs.c.locked_until_ms >= now_ms)
-    )
-    free = (
-        select(permits.c.slot)
-        .where(permits.c.gate == gate.name)
-        .where(permits.c.slot < gate.limit)
-        .where(~held.exists())
-        .order_by(permits.c.slot)
-        .limit(want)
-        .with_for_update(skip_locked=True, of=permits)
-    )
-    slots = [int(slot) for slot in executor.execute(free).scalars()]
-    if not slots and _permit_count(executor, gate) < gate.limit:
-        _make_permits(executor, gate)  # its rows are gone: the table was emptied meanwhile
-        slots = [int(slot) for slot in executor.execute(free).scalars()]
-    return slots
-
-
 def _permit_count(executor: Executor, gate: Gate) -> int:
     statement = (
         select(func.count())
@@ -1124,24 +1093,6 @@ def _make_permits(executor: Executor, gate: Gate) -> None:
         dialect_of(executor).insert_if_absent(permits),
         [{"gate": gate.name, "slot": slot} for slot in range(gate.limit)],
     )
-
-
-def assign_permits(
-    executor: Executor, gate: Gate, slots: Sequence[int], claimed: Sequence[Job]
-) -> None:
-    """Name each claimed job (and its claim's token) as the holder of one taken permit,
-    in one statement."""
-    pairs = list(zip(slots, claimed, strict=False))
-    if pairs:
-        executor.execute(
-            dialect_of(executor).assign_permits(),
-            {
-                "p_gate": gate.name,
-                "p_slots": [slot for slot, _ in pairs],
-                "p_jobs": [job.id for _, job in pairs],
-                "p_tokens": [job.lease_token for _, job in pairs],
-            },
-        )
 
 
 def claim_limited(
@@ -1172,7 +1123,9 @@ def claim_limited(
             room = min(room, gate.limit - held.get("", 0))
         if rate is not None:
             room = min(room, rate.limit - used.get("", 0))
-        if rows and rate is None and room > 0:
+        if room <= 0:
+            return [], blocked
+        if rows:
             assert gate is not None
             claimed = _claim_through_permits(
                 executor,
@@ -1184,35 +1137,25 @@ def claim_limited(
                 retired_kinds=retired_kinds,
                 kinds=kinds,
             )
-            # Fewer than wanted: the permits or the due jobs ran out. A freed permit and a
-            # new job are announced; the poll interval covers a holder that died.
-            return claimed, now_ms + _LEASE_POLL_MS if len(claimed) < want else None
-        permits: list[int] = []
-        if rows and room > 0:
-            assert gate is not None
-            permits = take_permits(executor, gate, now_ms, room)
-            if len(permits) < room:
-                # The gate is full. A permit freed by a settle is announced; one whose
-                # holder died frees at its lease's end, which the worker's poll finds.
-                blocked = min((t for t in (rolls_at,) if t), default=now_ms + _LEASE_POLL_MS)
-            room = len(permits)
-        if room <= 0:
-            return [], blocked
-        claimed = claim(
-            executor,
-            now_ms=now_ms,
-            limit=room,
-            lock_duration_ms=lock_duration_ms,
-            claim_order=claim_order,
-            retired_kinds=retired_kinds,
-            kinds=kinds,
-        )
-        if rows:
-            assert gate is not None
-            assign_permits(executor, gate, permits, claimed)
+            if len(claimed) < room:
+                # The permits (or the due jobs) ran out. A freed permit and a new job are
+                # announced; the poll interval covers a holder that died.
+                blocked = rolls_at or now_ms + _LEASE_POLL_MS
+            held_back = len(claimed) < want
+        else:
+            claimed = claim(
+                executor,
+                now_ms=now_ms,
+                limit=room,
+                lock_duration_ms=lock_duration_ms,
+                claim_order=claim_order,
+                retired_kinds=retired_kinds,
+                kinds=kinds,
+            )
+            held_back = len(claimed) == room < want
         if rate is not None:
             record_starts(executor, rate, [("", 1, job.id) for job in claimed], now_ms)
-        return claimed, blocked if len(claimed) == room < want else None
+        return claimed, blocked if held_back else None
     return _claim_partitioned(
         executor,
         limit,
