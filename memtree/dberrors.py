@@ -154,6 +154,9 @@ _SCHEMA_MISSING_TEXT = (
     'column "heal_count" does not exist',
     "no such column: failure_",
 )
+# The columns newer revisions add, as MySQL's ER_BAD_FIELD_ERROR (1054) names them (its
+# ER_NO_SUCH_TABLE, 1146, names the table).
+_NEWER_COLUMNS = ("lease_token", "cancel_requested_at_ms", "heal_count", "failure_")
 # PostgreSQL's deadlock_detected and serialization_failure; MySQL's and MariaDB's
 # ER_LOCK_DEADLOCK and ER_LOCK_WAIT_TIMEOUT (their drivers put the number in args[0]).
 _DEADLOCK_SQLSTATES = ("40P01", "40001")
@@ -181,7 +184,13 @@ _CONNECTION_FAILURE_TEXT = (
     "ssl syscall error",
     "unable to open database file",
     "disk i/o error",
+    "can't connect to mysql server",
+    "server has gone away",
+    "lost connection to mysql server",
 )
+# MySQL's and MariaDB's: too many connections, server shutdown, connection killed, and the
+# client's cannot connect / gone away / lost connection.
+_CONNECTION_MYSQL_ERRNOS = (1040, 1053, 1927, 2002, 2003, 2006, 2013, 4031)
 # SQLSTATEs of a connection that failed or was taken away: class 08 (connection
 # exception), too_many_connections, admin/crash shutdown, cannot_connect_now.
 _CONNECTION_SQLSTATES = ("53300", "57P01", "57P02", "57P03")
@@ -201,7 +210,7 @@ def _kind(error: BaseException, connection: bool) -> FaultKind:
     message = str(cause).lower()
     text = f"{type(cause).__name__} {message}"
     driver = isinstance(wrapped, sa_exc.DBAPIError)
-    if driver and _schema_missing(message):
+    if driver and (_schema_missing(message) or _mysql_schema_missing(cause, message)):
         return FaultKind.SCHEMA_MISSING
     # Codes before texts: PostgreSQL's deadlock report says "blocked by process".
     if driver and (
@@ -224,6 +233,13 @@ def _schema_missing(message: str) -> bool:
     return any(phrase in message for phrase in _SCHEMA_MISSING_TEXT) or (
         'column "failure_' in message and "does not exist" in message
     )
+
+
+def _mysql_schema_missing(driver_error: BaseException, message: str) -> bool:
+    errno = _mysql_errno(driver_error)
+    if errno == 1146:
+        return f".{TABLE_NAME}'" in message or f"'{TABLE_NAME}'" in message
+    return errno == 1054 and any(f"'{column}" in message for column in _NEWER_COLUMNS)
 
 
 def _sqlstate(driver_error: object) -> str | None:
@@ -262,6 +278,8 @@ def _is_connection_failure(error: BaseException) -> bool:
     orig = error.orig
     sqlstate = _sqlstate(orig)
     if sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES):
+        return True
+    if orig is not None and _mysql_errno(orig) in _CONNECTION_MYSQL_ERRNOS:
         return True
     sqlite_name = getattr(orig, "sqlite_errorname", None)
     if isinstance(sqlite_name, str) and (

@@ -43,13 +43,15 @@ from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.sql.elements import ColumnElement
 
 from memtree.errors import UnsupportedDatabaseError
-from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs
+from memtree.models import ACTIVE_DEDUPE_PREDICATE, jobs, permits
 
 __all__ = [
     "INSERT_COLUMNS",
     "NOTIFY_CHANNEL",
     "Claim",
     "Dialect",
+    "MariaDBDialect",
+    "MySQLDialect",
     "PostgresDialect",
     "SQLiteDialect",
     "dialect_for",
@@ -89,6 +91,12 @@ class Dialect:
     #: Whether one transaction at a time writes (SQLite's file lock), so nothing needs a
     #: lock of its own to count and then write.
     serialised_writes: ClassVar[bool] = False
+    #: Whether an UPDATE (and an INSERT) can return the rows it wrote. Where it cannot
+    #: (MySQL), the store locks the rows first and reads them back under that lock.
+    returns_rows: ClassVar[bool] = True
+    #: Whether a global gate's permits are rows taken in the claim's own statement (data-
+    #: modifying CTEs); elsewhere a claim counts the gate's holders under its lock.
+    permit_rows: ClassVar[bool] = False
 
     def insert_unless_active_key(self) -> Insert:
         """An INSERT that silently does nothing when the dedupe key is active."""
@@ -176,6 +184,29 @@ class Dialect:
         held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
         return update(jobs).where(held).values(values).returning(jobs.c.id, jobs.c.lease_token)
 
+    def update_locked(self, values: dict[str, Any]) -> Executable | None:
+        """Where an UPDATE cannot return rows: the UPDATE applying ``values`` to the rows
+        :meth:`update_held` locked and returned, by id (``:locked_ids``). None where
+        :meth:`update_held` updates them itself."""
+        return None
+
+    def limit_lock_rows(self, skip_locked: bool) -> Select[tuple[str]] | None:
+        """Where limits lock rows instead of advisory locks (MySQL), the locking read of
+        those rows; None elsewhere (see :meth:`lock_limits`)."""
+        return None
+
+    def current_read(self, statement: Select[Any]) -> Select[Any]:
+        """``statement`` as a read of the newest committed rows, for a count that decides a
+        limit in a caller's transaction. Needed where a transaction may read a snapshot
+        taken at its first read (MySQL's REPEATABLE READ, the default): there it is a
+        locking read (``LOCK IN SHARE MODE``), which reads the newest rows instead."""
+        return statement
+
+    def begin_statement(self) -> str | None:
+        """Run before memtree begins a transaction of its own on an engine it did not build
+        (what that transaction needs of the session); None where nothing is needed."""
+        return None
+
     def skipped_for_a_lock(
         self, also: ColumnElement[bool] | None = None
     ) -> Select[tuple[str]] | None:
@@ -240,6 +271,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     skip_locked = True
     notifies = True
+    permit_rows = True
 
     def enqueue_one(self) -> Executable:
         return _notifying(self.insert_unless_active_key().values(_insert_binds()))
@@ -373,12 +405,135 @@ class PostgresDialect(Dialect):
         return held.where(or_(also, jobs.c.id.not_in(lockable)))
 
 
+class MySQLDialect(Dialect):
+    """MySQL 8 and MariaDB 10.6+ (InnoDB): claims lock their rows ``FOR UPDATE SKIP
+    LOCKED`` and then update them by id, as neither returns rows from an UPDATE; there is
+    no partial index (the dedupe index is over a generated column) and no NOTIFY.
+
+    memtree's own transactions run at READ COMMITTED (see :func:`memtree.engine.begin_write`),
+    so a claim's locking read takes no gap locks that would stall concurrent enqueues."""
+
+    name = "mysql"
+    skip_locked = True
+    returns_rows = False
+
+    def insert_unless_active_key(self) -> Insert:
+        # Input is validated before it gets here (and the server is in strict mode), so
+        # the dedupe index is the only error IGNORE can ever swallow: job ids are fresh.
+        return insert(jobs).prefix_with("IGNORE")
+
+    def insert_if_absent(self, table: Table) -> Insert:
+        return insert(table).prefix_with("IGNORE")
+
+    def enqueue_batch(self) -> Executable:
+        # Run as an executemany, which the driver sends as one multi-row INSERT; the store
+        # reads back which ids went in (see memtree.store.enqueue_many).
+        return self.insert_unless_active_key()
+
+    def claim(self, picked: Select[tuple[str]], values: dict[str, ColumnElement[object]]) -> Update:
+        raise NotImplementedError("MySQL claims lock, then update by id (store._claim_by_ids)")
+
+    def payload_field(self, name: str) -> ColumnElement[str]:
+        # JSON null and a missing field are both '' (as on the other databases); a
+        # payload that is not JSON is '' too, JSON_VALID keeping JSON_EXTRACT from failing.
+        path = literal(f'$."{name}"', Text)
+        value = func.json_extract(jobs.c.payload_json, path)
+        readable = and_(
+            func.json_valid(jobs.c.payload_json) == literal_column("1"),
+            func.coalesce(func.json_type(value), literal_column("'NULL'"))
+            != literal_column("'NULL'"),
+        )
+        return case((readable, func.json_unquote(value)), else_=_EMPTY)
+
+    def clock_statement(self) -> Select[Any] | None:
+        # UTC_TIMESTAMP, not UNIX_TIMESTAMP(NOW()): no session time zone, no DST fold.
+        micros = func.timestampdiff(
+            literal_column("MICROSECOND"),
+            literal_column("'1970-01-01 00:00:00'"),
+            func.utc_timestamp(literal_column("6")),
+        )
+        return select((micros.op("DIV")(literal_column("1000"))).cast(BigInteger))
+
+    def holds_claims(self) -> ColumnElement[bool]:
+        # The ids first, so the primary key finds the rows; then each row's whole claim.
+        return and_(
+            jobs.c.id.in_(bindparam("claim_ids", expanding=True)),
+            jobs.c.status == literal_column("'running'"),
+            tuple_(*_FENCE_COLUMNS).in_(bindparam("claims", expanding=True)),
+        )
+
+    def claims_params(self, claims: Sequence[Claim]) -> dict[str, Any]:
+        return {"claim_ids": [claim[0] for claim in claims], "claims": [tuple(c) for c in claims]}
+
+    def update_held(
+        self, values: dict[str, Any], also: ColumnElement[bool] | None = None
+    ) -> Executable:
+        # No RETURNING: this is the locking read of the rows to update (skipping rows other
+        # sessions hold, as on PostgreSQL); update_locked then writes them by id.
+        held = self.holds_claims() if also is None else and_(self.holds_claims(), also)
+        return select(jobs.c.id, jobs.c.lease_token).where(held).with_for_update(skip_locked=True)
+
+    def update_locked(self, values: dict[str, Any]) -> Executable | None:
+        return (
+            update(jobs)
+            .where(jobs.c.id.in_(bindparam("locked_ids", expanding=True)))
+            .values(values)
+        )
+
+    def skipped_for_a_lock(
+        self, also: ColumnElement[bool] | None = None
+    ) -> Select[tuple[str]] | None:
+        held = select(jobs.c.id).where(self.holds_claims())
+        if also is None:
+            return held
+        lockable = (
+            select(jobs.c.id)
+            .where(self.holds_claims())
+            .with_for_update(skip_locked=True)
+            .correlate(None)
+        )
+        return held.where(or_(also, jobs.c.id.not_in(lockable)))
+
+    def lock_limits(
+        self, wait: Sequence[tuple[int, int]], attempt: Sequence[tuple[int, int]]
+    ) -> Select[Any] | None:
+        raise NotImplementedError("MySQL's limit locks are rows (see limit_lock_rows)")
+
+    def limit_lock_rows(self, skip_locked: bool) -> Select[tuple[str]]:
+        """A locking read of the lock rows of the limits named ``:names`` (rows of
+        ``mem_tree_permits`` with slot -1; :meth:`insert_if_absent` makes them): MySQL has
+        no transaction-scoped advisory lock, and a row lock is one. Waiting reads lock in
+        primary-key order, so two claims never deadlock on them; a read that skips locked
+        rows returns the names it took."""
+        return (
+            select(permits.c.gate)
+            .where(permits.c.gate.in_(bindparam("names", expanding=True)))
+            .where(permits.c.slot == literal_column("-1"))
+            .order_by(permits.c.gate)
+            .with_for_update(skip_locked=skip_locked)
+        )
+
+    def current_read(self, statement: Select[Any]) -> Select[Any]:
+        return statement.with_for_update(read=True)
+
+    def begin_statement(self) -> str | None:
+        return "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
+
+
+class MariaDBDialect(MySQLDialect):
+    """MariaDB as SQLAlchemy names it for ``mariadb+pymysql://`` URLs: the same engine."""
+
+    name = "mariadb"
+
+
 _EMPTY: ColumnElement[str] = literal_column("''")
 
 #: The columns a settle matches its claim on, in the order of a :data:`Claim`.
 _FENCE_COLUMNS = (jobs.c.id, jobs.c.lease_token, jobs.c.attempts, jobs.c.started_at_ms)
 
-_DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLiteDialect(), PostgresDialect())}
+_DIALECTS: dict[str, Dialect] = {
+    d.name: d for d in (SQLiteDialect(), PostgresDialect(), MySQLDialect(), MariaDBDialect())
+}
 
 
 def _insert_binds() -> dict[str, BindParameter[Any]]:

@@ -99,14 +99,23 @@ class _SQLiteSetup:
 
 
 _SETUPS: weakref.WeakKeyDictionary[SADialect, _SQLiteSetup] = weakref.WeakKeyDictionary()
+#: MySQL engines whose every transaction is READ COMMITTED already (memtree built them).
+_READ_COMMITTED: weakref.WeakSet[SADialect] = weakref.WeakSet()
 
 
 def normalize_url(url: str | URL) -> URL:
-    """``postgresql://`` means psycopg 3 here; every other URL is left as it is."""
+    """``postgresql://`` means psycopg 3 here, ``mysql://`` and ``mariadb://`` PyMySQL;
+    every other URL is left as it is."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.drivername in _MYSQL_FAMILY:
+        parsed = parsed.set(drivername=f"{parsed.drivername}+pymysql")
     return parsed
+
+
+#: MySQL's family, as SQLAlchemy names its backends (MariaDB's URLs say ``mariadb``).
+_MYSQL_FAMILY = ("mysql", "mariadb")
 
 
 #: SQLite's text values as ``str``, with replacement characters for bytes that are not
@@ -117,19 +126,22 @@ _decode_text = functools.partial(str, encoding="utf-8", errors="replace")
 
 def async_url(url: str | URL) -> URL:
     """The same database's URL with an async driver: aiosqlite for SQLite, psycopg 3's
-    async connection for PostgreSQL (``create_async_engine(memtree.async_url(url))``)."""
+    async connection for PostgreSQL, aiomysql for MySQL and MariaDB
+    (``create_async_engine(memtree.async_url(url))``)."""
     parsed = normalize_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return parsed.set(drivername="sqlite+aiosqlite")
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+psycopg")
+    if backend in _MYSQL_FAMILY:
+        return parsed.set(drivername=f"{backend}+aiomysql")
     raise ConfigurationError(f"memtree knows no async driver for {backend}")
 
 
 def sync_url(url: str | URL) -> URL:
     """The same database's URL with the synchronous driver memtree uses: pysqlite for
-    SQLite, psycopg 3 for PostgreSQL (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``
+    SQLite, psycopg 3 for PostgreSQL, PyMySQL for MySQL (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``
     in, ``sqlite://`` or ``postgresql+psycopg://`` out)."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -137,6 +149,8 @@ def sync_url(url: str | URL) -> URL:
         return parsed.set(drivername="sqlite")
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+psycopg")
+    if backend in _MYSQL_FAMILY:
+        return parsed.set(drivername=f"{backend}+pymysql")
     return parsed
 
 
@@ -370,14 +384,20 @@ def create_engine(
     default ``NORMAL`` in WAL, which keeps every commit across a process crash, and
     ``FULL`` in a rollback journal) and ``BEGIN IMMEDIATE`` transactions.
     ``postgresql://`` URLs use psycopg 3, and a pooled connection idle for a second is
-    checked before use (unless ``pool_pre_ping`` is given).
+    checked before use (unless ``pool_pre_ping`` is given). ``mysql://`` and
+    ``mariadb://`` URLs use PyMySQL, with transactions at READ COMMITTED (unless
+    ``isolation_level`` is given) and the same check of idle connections.
     """
     journal_mode = _journal_mode(sqlite_journal_mode)
     synchronous = _synchronous(sqlite_synchronous)
     busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
+    if parsed.get_backend_name() in _MYSQL_FAMILY:
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
     engine = sqlalchemy.create_engine(parsed, **kwargs)
+    if engine.dialect.name in _MYSQL_FAMILY and kwargs["isolation_level"] == "READ COMMITTED":
+        _READ_COMMITTED.add(engine.dialect)
     if engine.dialect.name == "sqlite":
         _install(engine, _SQLiteSetup(journal_mode, synchronous, busy_timeout_ms, True))
     elif "pool_pre_ping" not in kwargs:
@@ -441,13 +461,20 @@ def begin_write(conn: Connection) -> RootTransaction:
     """Begin memtree's own write transaction on ``conn`` (fresh from ``engine.connect()``).
 
     On memtree's SQLite engine the dialect's BEGIN is already IMMEDIATE, and PostgreSQL
-    needs nothing more than a BEGIN. On an application's SQLite engine (see
+    needs nothing more than a BEGIN. On MySQL an application's engine gets READ COMMITTED
+    for this transaction (memtree's own engine has it already): at REPEATABLE READ a
+    claim's locking read would take gap locks that stall every concurrent enqueue. On an
+    application's SQLite engine (see
     :func:`configure_engine`) this prepares a connection opened before memtree set the
     engine up, and begins with ``BEGIN IMMEDIATE`` itself unless the application's own
     set-up already began a transaction.
     """
     transaction = conn.begin()
     if conn.dialect.name != "sqlite":
+        statement = dialect_for(conn.dialect.name).begin_statement()
+        if statement is not None and conn.dialect not in _READ_COMMITTED:
+            # Nothing has run in this transaction yet, so this sets its own level only.
+            conn.exec_driver_sql(statement)
         return transaction
     setup = _setup_of(conn.engine)
     if setup is not None and setup.owns_begin:

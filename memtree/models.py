@@ -14,15 +14,23 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import BigInteger, Index, Integer, MetaData, Table, Text, text
+from sqlalchemy import BigInteger, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy.dialects.mysql import LONGTEXT
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "MYSQL_DEDUPE_COLUMN",
+    "MYSQL_DEDUPE_EXPRESSION",
+    "MYSQL_FAMILY",
+    "MYSQL_STATUS_INDEXES",
+    "MYSQL_TABLE_ARGS",
     "PERMITS_TABLE",
     "RATE_EVENTS_TABLE",
     "SCHEDULES_TABLE",
     "TABLE_NAME",
     "Base",
+    "Body",
+    "Key",
     "MemTreeJob",
     "MemTreePermit",
     "MemTreeRateEvent",
@@ -53,9 +61,46 @@ NAMING_CONVENTION = {
 # The original's SQLite DDL says INTEGER; 64-bit on PostgreSQL.
 Millis = BigInteger().with_variant(Integer(), "sqlite")
 
+#: The names of MySQL's family in SQLAlchemy (``mysql+pymysql://`` and ``mariadb+pymysql://``).
+MYSQL_FAMILY = ("mysql", "mariadb")
+
+
+def Key(length: int = 255) -> Text:
+    """A text column that is indexed or compared: ``TEXT`` on SQLite and PostgreSQL, a
+    ``VARCHAR`` on MySQL and MariaDB, which cannot index ``TEXT`` whole. The lengths
+    honour memtree's own limits (a kind is at most 255 bytes, a job id is memtree's)."""
+    return Text().with_variant(String(length), *MYSQL_FAMILY)
+
+
+#: A text column of any length: ``LONGTEXT`` on MySQL, where ``TEXT`` stops at 64 KiB.
+Body = Text().with_variant(LONGTEXT(), *MYSQL_FAMILY)
+
+#: The table options every memtree table gets on MySQL: InnoDB (row locks, SKIP LOCKED),
+#: UTF-8 in full, and a binary collation, so ``'Kind'`` and ``'kind'`` stay two kinds
+#: and two keys as they are on the other databases.
+MYSQL_TABLE_ARGS = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
 #: The partial index predicate that defines "active" for dedupe keys. Kept as literal
 #: SQL so ON CONFLICT can infer the index even from a prepared statement.
 ACTIVE_DEDUPE_PREDICATE = "dedupe_key IS NOT NULL AND status IN ('ready', 'running')"
+
+#: MySQL has no partial indexes: there the dedupe index is a unique index over a generated
+#: column, ``dedupe_active``, that holds the key's SHA-256 while the job is ready or
+#: running and NULL otherwise (a unique index admits many NULLs). The hash keeps the
+#: index under InnoDB's key size for keys of up to ``MAX_DEDUPE_KEY_BYTES``. The column
+#: exists on MySQL and MariaDB only; the other databases never see it.
+MYSQL_DEDUPE_COLUMN = "dedupe_active"
+MYSQL_DEDUPE_EXPRESSION = "CASE WHEN status IN ('ready', 'running') THEN SHA2(dedupe_key, 256) END"
+#: MySQL's equivalents of the partial claim and running indexes: the status first.
+_PARTIAL_INDEXES = ("sqlite", "postgresql")
+MYSQL_STATUS_INDEXES = {
+    "ix_mem_tree_jobs_claim": ("status", "kind", "available_at_ms"),
+    "ix_mem_tree_jobs_running": ("status", "kind", "locked_until_ms"),
+}
 
 
 class Base(DeclarativeBase):
@@ -67,16 +112,16 @@ class MemTreeJob(Base):
 
     __tablename__ = TABLE_NAME
 
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    kind: Mapped[str] = mapped_column(Text, nullable=False)
-    payload_json: Mapped[str] = mapped_column(Text, nullable=False)
-    dedupe_key: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'ready'"))
+    id: Mapped[str] = mapped_column(Key(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Key(), nullable=False)
+    payload_json: Mapped[str] = mapped_column(Body, nullable=False)
+    dedupe_key: Mapped[str | None] = mapped_column(Key(2000))
+    status: Mapped[str] = mapped_column(Key(32), nullable=False, server_default=text("'ready'"))
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("5"))
     available_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
     locked_until_ms: Mapped[int | None] = mapped_column(Millis)
-    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Body)
     created_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
     started_at_ms: Mapped[int | None] = mapped_column(Millis)
     completed_at_ms: Mapped[int | None] = mapped_column(Millis)
@@ -84,7 +129,7 @@ class MemTreeJob(Base):
     failure_class: Mapped[str | None] = mapped_column(Text)
     # memtree's own: a fresh token per claim, so a settle can tell this claim from any
     # other claim of the same row. NULL on rows the original wrote or claimed.
-    lease_token: Mapped[str | None] = mapped_column(Text)
+    lease_token: Mapped[str | None] = mapped_column(Key(64))
     # memtree's own: when a running job was asked to stop (its worker polls for it).
     cancel_requested_at_ms: Mapped[int | None] = mapped_column(Millis)
     # memtree's own: how many times self-heal revived this job from ``failed`` (bounded
@@ -94,13 +139,15 @@ class MemTreeJob(Base):
     __table_args__ = (
         Index("idx_mem_tree_jobs_ready", "status", "available_at_ms"),
         Index("idx_mem_tree_jobs_kind", "kind"),
+        # Partial indexes, which MySQL lacks: there the migrations make the equivalents
+        # (MYSQL_DEDUPE_COLUMN, MYSQL_STATUS_INDEXES), and these are never emitted.
         Index(
             "idx_mem_tree_jobs_dedupe_active",
             "dedupe_key",
             unique=True,
             sqlite_where=text(ACTIVE_DEDUPE_PREDICATE),
             postgresql_where=text(ACTIVE_DEDUPE_PREDICATE),
-        ),
+        ).ddl_if(dialect=_PARTIAL_INDEXES),  # type: ignore[arg-type]  # a tuple is documented
         # Claims walk ready rows of one kind in due order, so neither a large done
         # history nor a deep backlog of other kinds is read or sorted.
         Index(
@@ -109,7 +156,7 @@ class MemTreeJob(Base):
             "available_at_ms",
             sqlite_where=text("status = 'ready'"),
             postgresql_where=text("status = 'ready'"),
-        ),
+        ).ddl_if(dialect=_PARTIAL_INDEXES),  # type: ignore[arg-type]  # a tuple is documented
         # memtree's own (memtree_0006): a global gate counts its holders, and recovery
         # finds expired leases, among the running rows only.
         Index(
@@ -118,7 +165,8 @@ class MemTreeJob(Base):
             "locked_until_ms",
             sqlite_where=text("status = 'running'"),
             postgresql_where=text("status = 'running'"),
-        ),
+        ).ddl_if(dialect=_PARTIAL_INDEXES),  # type: ignore[arg-type]  # a tuple is documented
+        MYSQL_TABLE_ARGS,
     )
 
 
@@ -131,10 +179,12 @@ class MemTreePermit(Base):
 
     __tablename__ = PERMITS_TABLE
 
-    gate: Mapped[str] = mapped_column(Text, primary_key=True)
+    gate: Mapped[str] = mapped_column(Key(), primary_key=True)
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[str | None] = mapped_column(Text)
-    lease_token: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Key())
+    lease_token: Mapped[str | None] = mapped_column(Key(64))
+
+    __table_args__ = (MYSQL_TABLE_ARGS,)
 
 
 class MemTreeRateEvent(Base):
@@ -148,16 +198,18 @@ class MemTreeRateEvent(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
-    limit_name: Mapped[str] = mapped_column(Text, nullable=False)
-    # '' when the limit is not partitioned: one budget for the whole fleet.
-    partition_key: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
+    limit_name: Mapped[str] = mapped_column(Key(), nullable=False)
+    # '' when the limit is not partitioned: one budget for the whole fleet. At most 500
+    # characters on MySQL, where the window's index must fit InnoDB's key size.
+    partition_key: Mapped[str] = mapped_column(Key(500), nullable=False, server_default=text("''"))
     at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
     weight: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
     # The job whose claim counted this start; NULL for an application's own call.
-    job_id: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Key())
 
     __table_args__ = (
         Index("ix_mem_tree_rate_events_window", "limit_name", "partition_key", "at_ms"),
+        MYSQL_TABLE_ARGS,
     )
 
 
@@ -167,9 +219,11 @@ class MemTreeSchedule(Base):
 
     __tablename__ = SCHEDULES_TABLE
 
-    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Key(), primary_key=True)
     last_slot_ms: Mapped[int] = mapped_column(Millis, nullable=False)
     updated_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+
+    __table_args__ = (MYSQL_TABLE_ARGS,)
 
 
 #: The Core table the store and settle statements are built on.

@@ -33,6 +33,7 @@ from memtree.errors import (
     SchemaOutdatedError,
 )
 from memtree.limits import Gate, Limit, RateLimit
+from memtree.retries import retried_on_deadlock
 from memtree.store import Executor
 from memtree.types import (
     DEFAULT_LOCK_DURATION_MS,
@@ -276,6 +277,7 @@ class Queue:
                 if isinstance(job, NewJob):
                     check_kind(job.kind, self.retired_kinds)
 
+    @retried_on_deadlock
     def enqueue(self, job: NewJob) -> str | None:
         """Insert one job; its id, or None when its dedupe key is active."""
         self._refuse_retired((job,))
@@ -290,6 +292,7 @@ class Queue:
             wakeup.signal(self.engine)
         return job_id
 
+    @retried_on_deadlock
     def enqueue_many(self, jobs: Iterable[NewJob]) -> list[str | None]:
         """Insert many jobs in one transaction; None where dedupe suppressed one."""
         batch = list(jobs)
@@ -314,6 +317,7 @@ class Queue:
         claimed = self.claim_batch(1, lock_duration_ms, kinds)
         return claimed[0] if claimed else None
 
+    @retried_on_deadlock
     def claim_batch(
         self,
         limit: int,
@@ -338,6 +342,7 @@ class Queue:
 
     # -- settle ------------------------------------------------------------------------
 
+    @retried_on_deadlock
     def mark_done(self, job: Job, followups: Sequence[NewJob] = ()) -> bool:
         """``done``, with ``followups`` enqueued atomically; False if the lease was lost."""
         with self.transaction() as conn:
@@ -374,6 +379,7 @@ class Queue:
         exchanged = self.exchange(done, groups, limit, lock_duration_ms)
         return exchanged.settled, exchanged.claimed
 
+    @retried_on_deadlock
     def exchange(
         self,
         done: Sequence[tuple[Job, Sequence[NewJob]]],
@@ -513,11 +519,13 @@ class Queue:
             claimed.append(jobs)
         return claimed, blocked, limits_now
 
+    @retried_on_deadlock
     def consume(self, rate: RateLimit, *, key: str | None = None, weight: int = 1) -> bool:
         """:func:`consume` in a transaction of its own."""
         with self.transaction() as conn:
             return consume(conn, rate, key=key, weight=weight, now_ms=self._test_now())
 
+    @retried_on_deadlock
     def limit_state(self, limit: Gate | RateLimit) -> LimitState:
         """Who holds ``limit`` now and what is left of it (for ``memtree status``)."""
         with self.transaction() as conn:
@@ -532,6 +540,7 @@ class Queue:
                 holders = []
             return LimitState(limit, used, holders, now)
 
+    @retried_on_deadlock
     def mark_failed(
         self, job: Job, error: object, failure: JobFailure | BaseException | None = None
     ) -> bool:
@@ -547,6 +556,7 @@ class Queue:
                 retry_cap_ms=self.retry_cap_ms,
             )
 
+    @retried_on_deadlock
     def mark_deferred(self, job: Job, until_ms: int, reason: str) -> bool:
         """Back to ``ready`` at ``until_ms``, attempt given back; False if the lease was lost."""
         with self.transaction() as conn:
@@ -559,18 +569,21 @@ class Queue:
                 max_defer_age_ms=self.max_defer_age_ms,
             )
 
+    @retried_on_deadlock
     def mark_released(self, job: Job, until_ms: int, reason: object) -> bool:
         """Back to ``ready`` at ``until_ms``, attempt given back, after a failure that is not
         the job's own (the database was unreachable); False if the lease was lost."""
         with self.transaction() as conn:
             return settle.mark_released(conn, job, until_ms, reason)
 
+    @retried_on_deadlock
     def extend_lease(self, job: Job, lock_duration_ms: int | None = None) -> bool:
         """Heartbeat: push the job's lease forward; False if it was lost."""
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         with self.transaction() as conn:
             return settle.extend_lease(conn, job, now_ms=self.now_ms(), lock_duration_ms=lease)
 
+    @retried_on_deadlock
     def cancel(self, job_id: str) -> CancelOutcome | None:
         """Cancel a ``ready`` job at once, or ask a ``running`` one to stop.
 
@@ -584,16 +597,19 @@ class Queue:
             wakeup.signal(self.engine)  # workers in this process look at once
         return outcome
 
+    @retried_on_deadlock
     def mark_cancelled(self, job: Job) -> bool:
         """End a run that was asked to stop as ``cancelled``; False if the lease was lost."""
         with self.transaction() as conn:
             return settle.mark_cancelled(conn, job, now_ms=self.now_ms())
 
+    @retried_on_deadlock
     def cancel_requested(self, ids: Sequence[str]) -> set[str]:
         """Which of these jobs have been asked to stop."""
         with self.transaction() as conn:
             return store.cancel_requested(conn, ids)
 
+    @retried_on_deadlock
     def extend_leases(self, held: Sequence[Job], lock_duration_ms: int | None = None) -> set[str]:
         """Heartbeat many claims at once; returns the ids whose lease is still held."""
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
@@ -609,21 +625,25 @@ class Queue:
             wakeup.signal(self.engine)
         return count
 
+    @retried_on_deadlock
     def recover_stale_locks(self) -> int:
         with self.transaction() as conn:
             count = settle.recover_stale_locks(conn, now_ms=self.now_ms())
         return self._made_ready(count)
 
+    @retried_on_deadlock
     def release_running_locks(self, held: Sequence[Job] | None = None) -> int:
         with self.transaction() as conn:
             count = settle.release_running_locks(conn, held, now_ms=self.now_ms())
         return self._made_ready(count)
 
+    @retried_on_deadlock
     def requeue_failed(self) -> int:
         with self.transaction() as conn:
             count = settle.requeue_failed(conn, now_ms=self.now_ms())
         return self._made_ready(count)
 
+    @retried_on_deadlock
     def requeue_job(self, job_id: str) -> bool:
         """Retry one failed or cancelled job with a fresh budget; False if it cannot be."""
         with self.transaction() as conn:
@@ -631,11 +651,13 @@ class Queue:
         self._made_ready(int(requeued))
         return requeued
 
+    @retried_on_deadlock
     def count_retired(self) -> int:
         """Rows of this queue's retired kinds still in the table (purged by workers at start)."""
         with self.transaction() as conn:
             return store.count_retired(conn, self.retired_kinds)
 
+    @retried_on_deadlock
     def requeue_transient_failed(
         self, self_heal_limit: int | None = DEFAULT_SELF_HEAL_LIMIT
     ) -> int:
@@ -649,11 +671,13 @@ class Queue:
             count = settle.requeue_transient_failed(conn, now_ms=self.now_ms(), heal_limit=limit)
         return self._made_ready(count)
 
+    @retried_on_deadlock
     def next_due_ms(self, kinds: Iterable[str] | None = None) -> int | None:
         """When the earliest ready job (of ``kinds``) is due; None when nothing is ready."""
         with self.transaction() as conn:
             return store.next_due_ms(conn, _kinds(kinds), self.retired_kinds)
 
+    @retried_on_deadlock
     def prune(self, status: JobStatus | str, completed_before_ms: int, limit: int = 10_000) -> int:
         """Delete up to ``limit`` terminal rows of ``status`` completed before the cutoff."""
         with self.transaction() as conn:
@@ -664,6 +688,7 @@ class Queue:
                 limit=positive_int("limit", limit),
             )
 
+    @retried_on_deadlock
     def purge_retired_jobs(self) -> int:
         """Delete rows of this queue's retired kinds; how many."""
         with self.transaction() as conn:
@@ -671,23 +696,28 @@ class Queue:
 
     # -- reads -------------------------------------------------------------------------
 
+    @retried_on_deadlock
     def count_by_status(self, status: JobStatus | str) -> int:
         with self.transaction() as conn:
             return store.count_by_status(conn, JobStatus(status))
 
+    @retried_on_deadlock
     def count_failed_unrecoverable(self) -> int:
         with self.transaction() as conn:
             return store.count_failed_unrecoverable(conn)
 
+    @retried_on_deadlock
     def count_by_kind_and_status(self) -> dict[tuple[str, str], int]:
         """Row counts grouped by (kind, status)."""
         with self.transaction() as conn:
             return store.count_by_kind_and_status(conn)
 
+    @retried_on_deadlock
     def count_total(self) -> int:
         with self.transaction() as conn:
             return store.count_total(conn)
 
+    @retried_on_deadlock
     def list_jobs(
         self,
         *,
@@ -706,6 +736,7 @@ class Queue:
                 limit=positive_int("limit", limit),
             )
 
+    @retried_on_deadlock
     def get_job(self, job_id: str) -> Job | None:
         with self.transaction() as conn:
             return store.get_job(conn, job_id)

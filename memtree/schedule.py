@@ -37,6 +37,7 @@ from cronsim import CronSim, CronSimError
 from memtree import store, wakeup
 from memtree.errors import ConfigurationError
 from memtree.queue import Queue
+from memtree.retries import deadlock_retries
 from memtree.types import NewJob, check_kind
 
 __all__ = [
@@ -246,11 +247,14 @@ def tick(
     job = None if late and schedule.missed == Missed.SKIP else schedule.new_job(slot)
     if job is not None and job.kind in queue.retired_kinds:
         raise ConfigurationError(f"schedule {schedule.name!r}: kind {job.kind!r} is retired")
-    with queue.transaction() as conn:
-        recorded = store.advance_schedule(conn, schedule.name, slot_ms=slot, now_ms=now)
-        job_id = None
-        if recorded and job is not None:
-            job_id = store.enqueue(conn, job, now_ms=now, default_max_attempts=queue.max_attempts)
+    for attempt in deadlock_retries():
+        with attempt, queue.transaction() as conn:
+            recorded = store.advance_schedule(conn, schedule.name, slot_ms=slot, now_ms=now)
+            job_id = None
+            if recorded and job is not None:
+                job_id = store.enqueue(
+                    conn, job, now_ms=now, default_max_attempts=queue.max_attempts
+                )
     if job_id is not None:
         wakeup.signal(queue.engine)
     if recorded:

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Executable,
+    Select,
     Update,
     and_,
     bindparam,
@@ -287,18 +288,16 @@ def cancel(executor: Executor, job_id: str, *, now_ms: int) -> CancelOutcome | N
         .where(jobs.c.id == job_id)
         .where(jobs.c.status == READY)
         .values(status=CANCELLED, completed_at_ms=now_ms, locked_until_ms=NULL, lease_token=NULL)
-        .returning(jobs.c.id)
-    ).first()
-    if cancelled is not None:
+    )
+    if store.rowcount(cancelled) == 1:
         return CancelOutcome.CANCELLED
     requested = executor.execute(
         update(jobs)
         .where(jobs.c.id == job_id)
         .where(jobs.c.status == RUNNING)
         .values(cancel_requested_at_ms=func.coalesce(jobs.c.cancel_requested_at_ms, now_ms))
-        .returning(jobs.c.id)
-    ).first()
-    if requested is not None:
+    )
+    if store.rowcount(requested) == 1:
         return CancelOutcome.REQUESTED
     found = executor.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first()
     return None if found is None else CancelOutcome.FINISHED
@@ -333,16 +332,32 @@ def _held_statements(dialect_name: str) -> dict[str, Executable]:
     """The batched settles, each row fenced to its own claim, built once per database
     (see :meth:`Dialect.update_held`)."""
     dialect = dialect_for(dialect_name)
-    done = {
-        "status": DONE,
-        "completed_at_ms": bindparam("now"),
-        "locked_until_ms": NULL,
-        "last_error": NULL,
-    }
     return {
-        "done": dialect.update_held(done, also=_NOT_CANCELLING),
-        "extend": dialect.update_held({"locked_until_ms": bindparam("until")}),
+        "done": dialect.update_held(_DONE, also=_NOT_CANCELLING),
+        "extend": dialect.update_held(_EXTENDED),
         "release": dialect.update_held(_RELEASED),
+    }
+
+
+#: What a batched settle writes, per settle.
+_DONE: dict[str, Any] = {
+    "status": DONE,
+    "completed_at_ms": bindparam("now"),
+    "locked_until_ms": NULL,
+    "last_error": NULL,
+}
+_EXTENDED: dict[str, Any] = {"locked_until_ms": bindparam("until")}
+
+
+@cache
+def _locked_statements(dialect_name: str) -> dict[str, Executable | None]:
+    """Where an UPDATE cannot return rows (MySQL): per batched settle, the UPDATE of the
+    rows its locking read returned (see :meth:`Dialect.update_locked`)."""
+    dialect = dialect_for(dialect_name)
+    return {
+        "done": dialect.update_locked(_DONE),
+        "extend": dialect.update_locked(_EXTENDED),
+        "release": dialect.update_locked(_RELEASED),
     }
 
 
@@ -370,6 +385,10 @@ def _run_held(
     statement = _held_statements(dialect.name)[which]
     result = executor.execute(statement, {**params, **dialect.claims_params(claims)})
     changed: set[tuple[str, str]] = {(job_id, token) for job_id, token in result.all()}
+    then_update = _locked_statements(dialect.name)[which]
+    if then_update is not None and changed:
+        # The statement only locked them (MySQL): now write them.
+        executor.execute(then_update, {**params, "locked_ids": [i for i, _ in changed]})
     locked: set[str] = set()
     skipped_for_a_lock = _skipped_statements(dialect.name)[which]
     if skipped_for_a_lock is not None and len(changed) < len(claims):
@@ -508,6 +527,17 @@ def extend_lease(executor: Executor, job: Job, *, now_ms: int, lock_duration_ms:
 
 @cache
 def _recover_statement(dialect_name: str) -> Update:
+    if not dialect_for(dialect_name).returns_rows:
+        # MySQL cannot update a table a subquery of the same statement reads: the expired
+        # rows are locked first (_expired_statement), then updated by id.
+        return _statements()["recover"].where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+    return _statements()["recover"].where(
+        jobs.c.id.in_(_expired_statement(dialect_name).scalar_subquery())
+    )
+
+
+@cache
+def _expired_statement(dialect_name: str) -> Select[tuple[str]]:
     expired = (
         select(jobs.c.id)
         .where(jobs.c.status == RUNNING)
@@ -518,14 +548,20 @@ def _recover_statement(dialect_name: str) -> Update:
         # A row another transaction holds (a frozen worker mid-commit) is skipped, not
         # waited for: recovery runs on the worker's only loop thread.
         expired = expired.with_for_update(skip_locked=True)
-    return _statements()["recover"].where(jobs.c.id.in_(expired.scalar_subquery()))
+    return expired
 
 
 def recover_stale_locks(executor: Executor, *, now_ms: int) -> int:
     """Return expired leases to ``ready``; a row with no attempts left fails
     ``stale_lock_exhausted`` (transient) instead of looping forever."""
-    statement = _recover_statement(store.dialect_of(executor).name)
-    return store.rowcount(executor.execute(statement, {"now": now_ms}))
+    dialect = store.dialect_of(executor)
+    statement = _recover_statement(dialect.name)
+    params: dict[str, Any] = {"now": now_ms}
+    if not dialect.returns_rows:
+        params["ids"] = list(executor.execute(_expired_statement(dialect.name), params).scalars())
+        if not params["ids"]:
+            return 0
+    return store.rowcount(executor.execute(statement, params))
 
 
 def release_running_locks(

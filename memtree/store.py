@@ -37,6 +37,7 @@ from sqlalchemy import (
     Connection,
     Row,
     Select,
+    Table,
     Update,
     bindparam,
     case,
@@ -265,8 +266,19 @@ def enqueue_many(
     inserted: set[str] = set()
     for start in range(0, len(to_insert), _INSERT_CHUNK):
         chunk = to_insert[start : start + _INSERT_CHUNK]
-        inserted.update(executor.execute(statement, dialect.batch_params(chunk)).scalars())
+        result = executor.execute(statement, dialect.batch_params(chunk))
+        if dialect.returns_rows:
+            inserted.update(result.scalars())
+        else:
+            # No RETURNING (MySQL): every id is fresh, so the rows found are the ones in.
+            ids = [row["id"] for row in chunk]
+            inserted.update(executor.execute(_ids_present_statement(), {"ids": ids}).scalars())
     return [row["id"] if row["id"] in inserted else None for row in params]
+
+
+@cache
+def _ids_present_statement() -> Select[Any]:
+    return select(jobs.c.id).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
 
 
 # -- claim ---------------------------------------------------------------------------
@@ -309,22 +321,10 @@ def _picked(
     """The ids a claim takes: due ready rows, kind by kind in claim order, at most
     ``:limit`` per kind and in all (and at most ``room``, when given)."""
     lock = dialect.skip_locked
-    rest = len(claim_order)
-    branches: list[Select[Any]] = []
-    if kinds is None:
-        for priority, kind in enumerate(claim_order):
-            branches.append(_branch(jobs.c.kind == kind, priority, lock))
-        excluded = (*claim_order, *retired_kinds)
-        others = jobs.c.kind.not_in(excluded) if excluded else true()
-        branches.append(_branch(others, rest, lock))
-    else:
-        # One branch per kind, so each walks the claim index in due order.
-        for priority, kind in enumerate(claim_order):
-            if kind in kinds:
-                branches.append(_branch(jobs.c.kind == kind, priority, lock))
-        for kind in kinds:
-            if kind not in claim_order:
-                branches.append(_branch(jobs.c.kind == kind, rest, lock))
+    branches = [
+        _branch(kind_filter, priority, lock)
+        for kind_filter, priority in _branch_filters(claim_order, retired_kinds, kinds)
+    ]
     if len(branches) == 1:
         only = select(branches[0].subquery().c.id)
         return only if room is None else only.limit(room)
@@ -333,6 +333,90 @@ def _picked(
         select(merged.c.id)
         .order_by(merged.c.priority, merged.c.available_at_ms)
         .limit(bindparam("limit") if room is None else room)
+    )
+
+
+def _branch_filters(
+    claim_order: tuple[str, ...], retired_kinds: tuple[str, ...], kinds: tuple[str, ...] | None
+) -> list[tuple[ColumnElement[bool], int]]:
+    """The kind filter and priority of each branch of a claim, in claim order: one branch
+    per kind, so each walks the claim index in due order (and, when ``kinds`` is None, a
+    last one for every kind the claim order does not name)."""
+    rest = len(claim_order)
+    if kinds is None:
+        filters = [(jobs.c.kind == kind, priority) for priority, kind in enumerate(claim_order)]
+        excluded = (*claim_order, *retired_kinds)
+        return [*filters, (jobs.c.kind.not_in(excluded) if excluded else true(), rest)]
+    filters = [
+        (jobs.c.kind == kind, priority)
+        for priority, kind in enumerate(claim_order)
+        if kind in kinds
+    ]
+    return filters + [(jobs.c.kind == kind, rest) for kind in kinds if kind not in claim_order]
+
+
+@lru_cache(maxsize=256)
+def _locking_branches(
+    claim_order: tuple[str, ...], retired_kinds: tuple[str, ...], kinds: tuple[str, ...] | None
+) -> tuple[tuple[int, Select[Any]], ...]:
+    """A claim's branches as statements of their own, each with its priority, where the
+    database cannot lock rows in a UNION's branches and update them in one statement
+    (MySQL)."""
+    return tuple(
+        (priority, _branch(kind_filter, priority, True))
+        for kind_filter, priority in _branch_filters(claim_order, retired_kinds, kinds)
+    )
+
+
+def _claim_by_pick(
+    executor: Executor,
+    claim_order: tuple[str, ...],
+    retired_kinds: tuple[str, ...],
+    kinds: tuple[str, ...] | None,
+    params: dict[str, Any],
+) -> Sequence[Row[Any]]:
+    """A claim where an UPDATE cannot return rows (MySQL): lock due ready rows branch by
+    branch (``FOR UPDATE SKIP LOCKED``, the claim index in due order, at most what is
+    still wanted), then claim them by id and read them back."""
+    ids: list[str] = []
+    branches = _locking_branches(claim_order, retired_kinds, kinds)
+    for _, group in itertools.groupby(branches, key=lambda branch: branch[0]):
+        wanted = params["limit"] - len(ids)
+        if wanted <= 0:
+            break
+        # Kinds of one priority are claimed in due order across them: each branch's first
+        # rows, merged. Rows locked beyond what is claimed stay ready, skipped by other
+        # claims only until this transaction ends.
+        found = [
+            row
+            for _, branch in group
+            for row in executor.execute(branch, {"now": params["now"], "limit": wanted})
+        ]
+        found.sort(key=lambda row: row[2])
+        ids.extend(row[0] for row in found[:wanted])
+    return _claim_ids(executor, ids, params)
+
+
+def _claim_ids(
+    executor: Executor, ids: Sequence[str], params: dict[str, Any]
+) -> Sequence[Row[Any]]:
+    """Claim the ready rows of ``ids``, which this transaction holds locked (or which no
+    other transaction can write, on SQLite), returning them as claimed."""
+    if not ids:
+        return []
+    binds = {**params, "ids": list(ids)}
+    if dialect_of(executor).returns_rows:
+        return executor.execute(_claim_ids_statement().returning(*jobs.c), binds).all()
+    executor.execute(_claim_ids_statement(), binds)
+    return executor.execute(_claimed_rows_statement(), binds).all()
+
+
+@cache
+def _claimed_rows_statement() -> Select[Any]:
+    return (
+        select(jobs)
+        .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+        .where(jobs.c.lease_token == bindparam("token"))
     )
 
 
@@ -372,7 +456,7 @@ def claim(
             return []
     if limit < 1:
         return []
-    statement = _claim_statement(dialect_of(executor).name, claim_order, retired_kinds, kinds)
+    dialect = dialect_of(executor)
     token = uuid.uuid4().hex
     params = {
         "now": now_ms,
@@ -380,7 +464,11 @@ def claim(
         "token": token,
         "limit": limit,
     }
-    rows = executor.execute(statement, params).all()
+    if dialect.returns_rows:
+        statement = _claim_statement(dialect.name, claim_order, retired_kinds, kinds)
+        rows: Sequence[Row[Any]] = executor.execute(statement, params).all()
+    else:
+        rows = _claim_by_pick(executor, claim_order, retired_kinds, kinds, params)
     return _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
 
 
@@ -518,9 +606,21 @@ def prune(
         .where(jobs.c.status == status.value)
         .where(jobs.c.completed_at_ms < completed_before_ms)
         .limit(limit)
-        .scalar_subquery()
     )
-    return rowcount(executor.execute(delete(jobs).where(jobs.c.id.in_(doomed))))
+    return _delete_picked(executor, jobs, doomed)
+
+
+def _delete_picked(executor: Executor, table: Table, picked: Select[Any]) -> int:
+    """Delete the rows of ``table`` whose ids ``picked`` selects (a bounded pick). MySQL
+    can neither delete from a table a subquery reads nor take a LIMIT in an IN subquery:
+    there the ids are read first."""
+    if dialect_of(executor).returns_rows:
+        statement = delete(table).where(table.c.id.in_(picked.scalar_subquery()))
+        return rowcount(executor.execute(statement))
+    ids = list(executor.execute(picked).scalars())
+    if not ids:
+        return 0
+    return rowcount(executor.execute(delete(table).where(table.c.id.in_(ids))))
 
 
 # -- reads ---------------------------------------------------------------------------
@@ -764,13 +864,55 @@ def lock_limits(executor: Executor, wait: Sequence[str], attempt: Sequence[str] 
     ``attempt`` another transaction holds; their kinds must not be claimed now."""
     if not wait and not attempt:
         return set()
-    statement = dialect_of(executor).lock_limits(
+    dialect = dialect_of(executor)
+    if dialect.limit_lock_rows(False) is not None:
+        return _lock_limit_rows(executor, dialect, wait, attempt)
+    statement = dialect.lock_limits(
         [lock_key(name) for name in wait], [lock_key(name) for name in attempt]
     )
     if statement is None:
         return set()
     row = executor.execute(statement).one()
     return {name for name, took in zip(attempt, row[len(wait) :], strict=True) if not took}
+
+
+def _lock_limit_rows(
+    executor: Executor, dialect: Dialect, wait: Sequence[str], attempt: Sequence[str]
+) -> set[str]:
+    """:func:`lock_limits` where a limit's lock is a row's (MySQL): its row in
+    ``mem_tree_permits`` (slot -1), made here the first time any transaction needs it."""
+    missing = [
+        name for name in (*wait, *attempt) if (_url_of(executor), name) not in _LOCK_ROWS_MADE
+    ]
+    if missing:
+        executor.execute(
+            dialect.insert_if_absent(permits), [{"gate": name, "slot": -1} for name in missing]
+        )
+        _LOCK_ROWS_MADE.update((_url_of(executor), name) for name in missing)
+    waiting, trying = dialect.limit_lock_rows(False), dialect.limit_lock_rows(True)
+    assert waiting is not None and trying is not None
+    if wait:
+        found = set(executor.execute(waiting, {"names": list(wait)}).scalars())
+        if len(found) < len(set(wait)):
+            # The rows are gone (the table was emptied): make them, then wait for them.
+            for name in set(wait) - found:
+                _LOCK_ROWS_MADE.discard((_url_of(executor), name))
+            return _lock_limit_rows(executor, dialect, wait, attempt)
+    if not attempt:
+        return set()
+    took = set(executor.execute(trying, {"names": list(attempt)}).scalars())
+    if len(took) < len(set(attempt)):
+        present = select(permits.c.gate).where(permits.c.gate.in_(list(attempt)))
+        gone = set(attempt) - set(executor.execute(present.where(permits.c.slot == -1)).scalars())
+        if gone:  # not held: gone with an emptied table; made again, tried again
+            for name in gone:
+                _LOCK_ROWS_MADE.discard((_url_of(executor), name))
+            return _lock_limit_rows(executor, dialect, (), attempt)
+    return set(attempt) - took
+
+
+#: The (database, limit) whose lock rows this process has made (MySQL).
+_LOCK_ROWS_MADE: set[tuple[str, str]] = set()
 
 
 def gate_holders(executor: Executor, gate: Gate, now_ms: int) -> tuple[dict[str, int], int | None]:
@@ -833,8 +975,12 @@ def rate_used(
     )
     if key is not None:
         statement = statement.where(rate_events.c.partition_key == key)
+    statement = dialect_of(executor).current_read(statement)
     used: dict[str, int] = {}
     oldest: int | None = None
+    value: object
+    weight: int
+    first: int
     for value, weight, first in executor.execute(statement):
         used[str(value)] = int(weight)
         oldest = int(first) if oldest is None else min(oldest, int(first))
@@ -866,9 +1012,8 @@ def record_starts(
         .where(rate_events.c.limit_name == rate.name)
         .where(rate_events.c.at_ms <= now_ms - rate.window_ms)
         .limit(1000)
-        .scalar_subquery()
     )
-    executor.execute(delete(rate_events).where(rate_events.c.id.in_(expired)))
+    _delete_picked(executor, rate_events, expired)
 
 
 def consume(executor: Executor, rate: RateLimit, key: str, weight: int, now_ms: int | None) -> bool:
@@ -925,9 +1070,10 @@ def list_running(executor: Executor, kinds: Sequence[str], now_ms: int) -> list[
     return [job_from_row(row) for row in executor.execute(statement)]
 
 
+@lru_cache(maxsize=256)
 def _limited_pick(
     dialect_name: str, kinds: tuple[str, ...], limit: Limit, lock: bool
-) -> Select[Any]:
+) -> tuple[Select[Any], ...]:
     """Due ready rows of ``kinds`` whose keys are not full, per kind in due order, each
     with its gate key, rate key and payload."""
     dialect = dialect_for(dialect_name)
@@ -951,9 +1097,10 @@ def _limited_pick(
             .limit(bindparam("scan"))
         )
         branches.append(branch.with_for_update(skip_locked=True) if lock else branch)
-    if len(branches) == 1:
-        return branches[0]
-    return select(union_all(*(select(b.subquery()) for b in branches)).subquery())
+    if len(branches) == 1 or not dialect.returns_rows:
+        # MySQL locks no rows in a UNION's branches: there each branch runs on its own.
+        return tuple(branches)
+    return (select(union_all(*(select(b.subquery()) for b in branches)).subquery()),)
 
 
 @cache
@@ -963,7 +1110,6 @@ def _claim_ids_statement() -> Update:
         .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
         .where(jobs.c.status == READY)
         .values(_claim_values())
-        .returning(*jobs.c)
     )
 
 
@@ -1062,7 +1208,7 @@ def uses_permit_rows(executor: Executor, gate: Gate) -> bool:
     """Whether ``gate``'s permits are rows of ``mem_tree_permits`` (an unkeyed global gate
     where claims lock rows): claims then take free permits with ``SKIP LOCKED`` and never
     wait on each other. Elsewhere a claim counts the holders under the gate's lock."""
-    return gate.key is None and not dialect_of(executor).serialised_writes
+    return gate.key is None and dialect_of(executor).permit_rows
 
 
 #: The (database, gate, limit) whose permit rows this process has made.
@@ -1196,7 +1342,7 @@ def _claim_partitioned(
     }
     try:
         with executor.begin_nested() if dialect.skip_locked else nullcontext():
-            candidates = list(executor.execute(pick, params).all())
+            candidates = [row for branch in pick for row in executor.execute(branch, params)]
     except sa_exc.DataError:
         # PostgreSQL could not read some ready row's payload as JSON: fail those rows as
         # unreadable (nothing can ever key them) and leave the claim to the next round.
@@ -1226,15 +1372,11 @@ def _claim_partitioned(
     if not chosen:
         return [], blocked if held_back else None
     token = uuid.uuid4().hex
-    rows = executor.execute(
-        _claim_ids_statement(),
-        {
-            "ids": [job_id for job_id, _, _ in chosen],
-            "now": now_ms,
-            "until": saturating(now_ms + lock_duration_ms),
-            "token": token,
-        },
-    ).all()
+    rows = _claim_ids(
+        executor,
+        [job_id for job_id, _, _ in chosen],
+        {"now": now_ms, "until": saturating(now_ms + lock_duration_ms), "token": token},
+    )
     claimed = _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
     if rate is not None:
         taken = {job.id for job in claimed}

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine
 from memtree.migration import (
     VERSION_TABLE,
     include_object,
-    tolerate_sqlite_nullable_primary_key,
+    tolerate_dialect_differences,
 )
 from memtree.models import Base
 
@@ -32,7 +32,7 @@ options: dict[str, Any] = {
     "include_object": include_object,
     "compare_type": True,
     "render_as_batch": True,
-    "process_revision_directives": tolerate_sqlite_nullable_primary_key,
+    "process_revision_directives": tolerate_dialect_differences,
 }
 
 

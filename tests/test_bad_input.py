@@ -112,8 +112,8 @@ def test_queue_rejects_a_bind_that_is_not_an_engine_or_url() -> None:
 
 
 def test_unsupported_database_is_named() -> None:
-    with pytest.raises(UnsupportedDatabaseError, match="mysql"):
-        Queue("mysql+pymysql://root@127.0.0.1/test")
+    with pytest.raises(UnsupportedDatabaseError, match="oracle"):
+        Queue("oracle+oracledb://scott@127.0.0.1/test")
 
 
 def test_claim_rejects_a_lease_that_is_not_an_int(queue: Queue) -> None:

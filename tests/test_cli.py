@@ -81,9 +81,9 @@ def test_a_driver_error_reads_the_same_from_a_schema_command_and_a_queue_command
 def test_bad_url_and_unsupported_database_are_one_line_errors() -> None:
     bad = run("db", "upgrade", url="not a url")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    unsupported = run("db", "upgrade", url="mysql://root@127.0.0.1/test")
+    unsupported = run("db", "upgrade", url="oracle://scott@127.0.0.1/test")
     assert unsupported.returncode == 1 and "Traceback" not in unsupported.stderr
-    assert "does not support the 'mysql' database" in unsupported.stderr
+    assert "does not support the 'oracle' database" in unsupported.stderr
 
 
 def test_unknown_revision_is_a_one_line_error(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from memtree import (
 from tests import tinycortex
 from tests.conftest import FakeClock
 
+pytestmark = pytest.mark.not_on_mysql("the original crate never ran on MySQL")
+
 
 @pytest.fixture
 def queue(tree_queue: Queue) -> Queue:

@@ -240,8 +240,8 @@ def test_a_row_with_the_largest_attempts_does_not_block_other_claims(
 def test_invalid_utf8_written_by_another_program(
     db_url: str, wall_queue: Queue, request: pytest.FixtureRequest
 ) -> None:
-    """PostgreSQL refuses the bytes when they are written; SQLite stores them, and then the
-    row must not stop the claims of every other row."""
+    """PostgreSQL and MariaDB refuse the bytes when they are written; SQLite stores them,
+    and then the row must not stop the claims of every other row."""
     engine = wall_queue.engine
     if db_url.startswith("postgresql"):
         refused = pytest.raises(sqlalchemy.exc.DataError, match="invalid byte sequence")
@@ -252,6 +252,19 @@ def test_invalid_utf8_written_by_another_program(
                     "max_attempts, available_at_ms, created_at_ms) VALUES ('job:bytes', "
                     "'work', convert_from('\\x7b22c328227d'::bytea, 'UTF8'), 'ready', 0, 5, "
                     "0, 0)"
+                )
+            )
+        assert wall_queue.count_total() == 0
+        return
+    if db_url.startswith("mariadb"):
+        # Strict mode (the server's default) refuses them too: a utf8mb4 column checks.
+        refused = pytest.raises(sqlalchemy.exc.DBAPIError, match="Incorrect string value")
+        with refused, engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO mem_tree_jobs (id, kind, payload_json, status, attempts, "
+                    "max_attempts, available_at_ms, created_at_ms) VALUES ('job:bytes', "
+                    "'work', X'7B22C328227D', 'ready', 0, 5, 0, 0)"
                 )
             )
         assert wall_queue.count_total() == 0

@@ -75,6 +75,7 @@ class AsyncExecutor:
         """Run on ``loop`` (the application's), or start a loop in a thread of its own."""
         if self.loop is not None:
             return
+        on_its_own_loop = loop is None
         if loop is None:
             loop = asyncio.new_event_loop()
             ready = threading.Event()
@@ -90,8 +91,8 @@ class AsyncExecutor:
         self.loop = loop
         if self._session_factory is None:
             shared = self.queue.async_engine
-            if self._engine is None and shared is not None and shared.dialect.name != "sqlite":
-                self._engine = shared  # the application's own pool (SQLite needs its own)
+            if self._engine is None and shared is not None and _shareable(shared, on_its_own_loop):
+                self._engine = shared  # the application's own pool
             if self._engine is None:
                 self._engine = async_engine_for(self.queue.engine)
                 self._owns_engine = True
@@ -253,3 +254,14 @@ async def _close(ctx: Any, *, commit: bool) -> None:
             await session.rollback()
     finally:
         await session.close()
+
+
+def _shareable(engine: AsyncEngine, on_its_own_loop: bool) -> bool:
+    """Whether handlers' sessions may come from the application's own async engine: not
+    on SQLite (its handlers need connections that begin at the first write), and not from
+    a loop of the worker's own where the driver binds each connection to the loop that
+    made it (aiomysql): the application's loop would get them back from the pool."""
+    name = engine.dialect.name
+    if name == "sqlite":
+        return False
+    return name == "postgresql" or not on_its_own_loop

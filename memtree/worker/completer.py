@@ -32,6 +32,7 @@ from memtree import settle, store
 from memtree.errors import DatabaseError
 from memtree.queue import Queue
 from memtree.redact import scrub
+from memtree.retries import retried_on_deadlock
 from memtree.types import Job, NewJob, SettledBatch, backoff_ms
 from memtree.worker.faults import classify_error, is_infrastructure_error
 from memtree.worker.outcome import (
@@ -322,6 +323,7 @@ class Completer:
         then it ends ``cancelled`` in the same transaction (``"cancelled"``); otherwise the
         claim was lost (False). None when the database stayed away."""
 
+        @retried_on_deadlock
         def once() -> bool | str:
             with self.queue.transaction() as conn:
                 now = self.queue.now_ms()

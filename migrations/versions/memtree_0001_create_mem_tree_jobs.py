@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects.mysql import LONGTEXT
 
 revision: str = "memtree_0001"
 down_revision: str | None = None
@@ -18,27 +19,61 @@ depends_on: str | Sequence[str] | None = None
 ACTIVE = "dedupe_key IS NOT NULL AND status IN ('ready', 'running')"
 Millis = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+#: MySQL and MariaDB, as SQLAlchemy names them. They cannot index TEXT whole, their TEXT
+#: stops at 64 KiB, and they have no partial indexes: their columns and indexes differ.
+MYSQL = ("mysql", "mariadb")
+TABLE_OPTIONS = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+
+def Key(length: int = 255) -> sa.types.TypeEngine[str]:
+    return sa.Text().with_variant(sa.String(length), *MYSQL)
+
+
+Body = sa.Text().with_variant(LONGTEXT(), *MYSQL)
+
+
+def on_mysql() -> bool:
+    return op.get_bind().dialect.name in MYSQL
+
+
+#: On MySQL the active key is a generated column's value, unique where not NULL.
+ACTIVE_KEY = "CASE WHEN status IN ('ready', 'running') THEN SHA2(dedupe_key, 256) END"
+
 
 def upgrade() -> None:
     op.create_table(
         "mem_tree_jobs",
-        sa.Column("id", sa.Text(), nullable=False),
-        sa.Column("kind", sa.Text(), nullable=False),
-        sa.Column("payload_json", sa.Text(), nullable=False),
-        sa.Column("dedupe_key", sa.Text(), nullable=True),
-        sa.Column("status", sa.Text(), server_default=sa.text("'ready'"), nullable=False),
+        sa.Column("id", Key(), nullable=False),
+        sa.Column("kind", Key(), nullable=False),
+        sa.Column("payload_json", Body, nullable=False),
+        sa.Column("dedupe_key", Key(2000), nullable=True),
+        sa.Column("status", Key(32), server_default=sa.text("'ready'"), nullable=False),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("max_attempts", sa.Integer(), server_default=sa.text("5"), nullable=False),
         sa.Column("available_at_ms", Millis, nullable=False),
         sa.Column("locked_until_ms", Millis, nullable=True),
-        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("last_error", Body, nullable=True),
         sa.Column("created_at_ms", Millis, nullable=False),
         sa.Column("started_at_ms", Millis, nullable=True),
         sa.Column("completed_at_ms", Millis, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_mem_tree_jobs"),
+        **TABLE_OPTIONS,
     )
     op.create_index("idx_mem_tree_jobs_ready", "mem_tree_jobs", ["status", "available_at_ms"])
     op.create_index("idx_mem_tree_jobs_kind", "mem_tree_jobs", ["kind"])
+    if on_mysql():
+        op.add_column(
+            "mem_tree_jobs",
+            sa.Column("dedupe_active", sa.String(64), sa.Computed(ACTIVE_KEY, persisted=False)),
+        )
+        op.create_index(
+            "idx_mem_tree_jobs_dedupe_active", "mem_tree_jobs", ["dedupe_active"], unique=True
+        )
+        return
     op.create_index(
         "idx_mem_tree_jobs_dedupe_active",
         "mem_tree_jobs",

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+MYSQL = ("mysql", "mariadb")
+
 revision: str = "memtree_0003"
 down_revision: str | None = "memtree_0002"
 branch_labels: str | Sequence[str] | None = None
@@ -23,7 +25,14 @@ READY = "status = 'ready'"
 
 
 def upgrade() -> None:
-    op.add_column("mem_tree_jobs", sa.Column("lease_token", sa.Text(), nullable=True))
+    token = sa.Text().with_variant(sa.String(64), *MYSQL)
+    op.add_column("mem_tree_jobs", sa.Column("lease_token", token, nullable=True))
+    if op.get_bind().dialect.name in MYSQL:
+        # No partial indexes: the status leads instead.
+        op.create_index(
+            "ix_mem_tree_jobs_claim", "mem_tree_jobs", ["status", "kind", "available_at_ms"]
+        )
+        return
     op.create_index(
         "ix_mem_tree_jobs_claim",
         "mem_tree_jobs",

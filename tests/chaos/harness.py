@@ -98,6 +98,9 @@ class WorkerProcess:
     seq: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: The local TCP ports of its connections when it was killed (how MySQL's process
+    #: list names a client).
+    ports: frozenset[int] = frozenset()
 
     @property
     def pid(self) -> int:
@@ -198,6 +201,7 @@ class WorkerPool:
         """SIGKILL the slot's process and reap it."""
         worker = self.worker(slot)
         self.killed.add(worker.pid)
+        worker.ports = tcp_ports(worker.pid)
         worker.process.send_signal(signal.SIGKILL)
         worker.process.wait(timeout=30)
         return worker
@@ -279,13 +283,40 @@ def running_rows(engine: Engine) -> dict[str, tuple[str | None, int | None]]:
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
+def tcp_ports(pid: int) -> frozenset[int]:
+    """The local ports of process ``pid``'s TCP sockets (Linux: its socket inodes found in
+    /proc/net/tcp)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    except OSError:
+        return frozenset()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return frozenset(ports)
+
+
 def session_name(seq: int) -> str:
     """The ``application_name`` of worker ``seq``'s PostgreSQL sessions."""
     return f"memtree-chaos-{seq}"
 
 
 def wait_sessions_ended(engine: Engine, worker: WorkerProcess) -> None:
-    """Wait until the server has ended a killed worker's sessions (PostgreSQL only).
+    """Wait until the server has ended a killed worker's sessions (not on SQLite).
 
     A COMMIT the worker sent just before its SIGKILL is still carried out by its backend,
     which notices the dead client only afterwards: until the backend is gone, a row the
@@ -293,6 +324,18 @@ def wait_sessions_ended(engine: Engine, worker: WorkerProcess) -> None:
     finished it. (A SQLite worker's commit happens in its own process: nothing is left in
     flight once the process is reaped.)
     """
+    if engine.dialect.name in ("mysql", "mariadb"):
+        # MySQL names a session by its client's address: the killed worker's ports.
+        def gone() -> bool:
+            with engine.connect() as conn:
+                hosts = conn.execute(text("SELECT host FROM information_schema.processlist"))
+                return not any(
+                    str(host).rsplit(":", 1)[-1] in {str(p) for p in worker.ports}
+                    for (host,) in hosts
+                )
+
+        wait_for(gone, 30, f"the sessions of killed worker {worker.seq} ended", interval=0.01)
+        return
     if engine.dialect.name != "postgresql":
         return
 
@@ -573,4 +616,6 @@ def make_engine(url: str) -> Engine:
 
 
 def kind_of_database(url: str) -> str:
-    return "sqlite" if url.startswith("sqlite") else "postgresql"
+    if url.startswith("sqlite"):
+        return "sqlite"
+    return "mariadb" if url.startswith(("mariadb", "mysql")) else "postgresql"

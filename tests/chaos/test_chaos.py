@@ -163,16 +163,20 @@ def test_sigkill_chaos_with_transient_failures_and_deferrals(
     # window starts at its first run); a few of those runs are killed before they write.
     assert figures.extra["failed_runs"] >= JOBS * 0.1, "the failing runs happened"
     assert figures.extra["deferred_runs"] >= JOBS * 0.02, "the deferring runs happened"
-    assert figures.rolled_back_writes == (
-        figures.extra["failed_runs"] + figures.extra["deferred_runs"]
-    ), "every failing or deferring run wrote a row first (and none of them committed)"
+    # Each failing or deferring run wrote a row first and logged its ending; a SIGKILL
+    # can land between the two (a write logged, its ending not), at most once per kill.
+    endings = figures.extra["failed_runs"] + figures.extra["deferred_runs"]
+    assert endings <= figures.rolled_back_writes <= endings + figures.processes_killed, (
+        "every failing or deferring run wrote a row first (and none of them committed)"
+    )
 
 
 # -- (c) every connection terminated --------------------------------------------------------
 
 
 class Terminator(threading.Thread):
-    """Every 1-2 s, ``pg_terminate_backend`` on every other connection to the test database."""
+    """Every 1-2 s, ``pg_terminate_backend`` (MySQL: ``KILL CONNECTION``) on every other
+    connection to the test database."""
 
     def __init__(self, url: str, rng: random.Random) -> None:
         super().__init__(name="chaos-terminator", daemon=True)
@@ -187,18 +191,38 @@ class Terminator(threading.Thread):
         try:
             while not self.stopping.wait(self.rng.uniform(1.0, 2.0)):
                 with self.engine.connect() as conn:
-                    killed = conn.execute(
-                        text(
-                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                        )
-                    ).scalar_one()
+                    killed = self.terminate(conn)
                 self.rounds += 1
                 self.terminated += int(killed)
         except BaseException as exc:
             self.error = exc
         finally:
             self.engine.dispose()
+
+    def terminate(self, conn: sqlalchemy.Connection) -> int:
+        if conn.dialect.name == "postgresql":
+            return int(
+                conn.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar_one()
+            )
+        others = conn.execute(
+            text(
+                "SELECT id FROM information_schema.processlist"
+                " WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+            )
+        ).scalars()
+        killed = 0
+        for session in list(others):
+            try:
+                conn.execute(text(f"KILL CONNECTION {int(session)}"))
+                killed += 1
+            except sqlalchemy.exc.DBAPIError:  # it ended meanwhile
+                pass
+        return killed
 
     def stop(self) -> None:
         self.stopping.set()
@@ -207,16 +231,15 @@ class Terminator(threading.Thread):
             raise self.error
 
 
-@pytest.mark.postgresql
 def test_workers_reconnect_when_every_connection_is_terminated(
     db_url: str, app: Queue, tmp_path: Path
 ) -> None:
     """(c) every connection of the test database is terminated every 1-2 s mid-run (the
     shared server itself is never restarted): workers reconnect and nothing is lost."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("pg_terminate_backend is PostgreSQL's")
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has no connections to terminate")
     engine = app.engine
-    figures = Figures("terminate-connections", "postgresql", jobs=JOBS)
+    figures = Figures("terminate-connections", kind_of_database(db_url), jobs=JOBS)
     figures.extra["seed"] = run_seed = seed()
     pool = WorkerPool(db_url, tmp_path / "chaos", mode="write-first")
     terminator = Terminator(db_url, random.Random(run_seed))
@@ -262,7 +285,8 @@ def test_workers_reconnect_when_every_connection_is_terminated(
     finally:
         figures.report()
     assert figures.connections_terminated >= 3 * 3, "the workers' connections were terminated"
-    assert figures.extra["listener_reconnects"] >= 3, "the workers' listeners reconnected"
+    if app.dialect.notifies:  # MySQL has no LISTEN: its workers poll
+        assert figures.extra["listener_reconnects"] >= 3, "the workers' listeners reconnected"
     assert figures.database_errors_logged > 0, "terminations hit transactions in flight"
 
 
@@ -337,14 +361,19 @@ def holds_no_lock(db_url: str) -> bool:
         finally:
             conn.close()
     engine = sqlalchemy.create_engine(db_url, isolation_level="AUTOCOMMIT")
+    busy_sql = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND state <> 'idle'"
+    )
+    if engine.dialect.name in ("mysql", "mariadb"):
+        busy_sql = (  # open transactions of this database's sessions (not other tests')
+            "SELECT count(*) FROM information_schema.innodb_trx t"
+            " JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id"
+            " WHERE p.db = DATABASE() AND t.trx_mysql_thread_id <> CONNECTION_ID()"
+        )
     try:
         with engine.connect() as conn:
-            busy = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND state <> 'idle'"
-                )
-            ).scalar_one()
+            busy = conn.execute(text(busy_sql)).scalar_one()
         return busy == 0
     finally:
         engine.dispose()
@@ -446,12 +475,11 @@ def test_a_live_worker_takes_over_a_killed_peers_job_within_a_few_leases(
         pool.kill_all()
 
 
-@pytest.mark.postgresql
 def test_a_worker_keeps_working_while_a_frozen_peer_holds_a_row_lock(
     db_url: str, app: Queue
 ) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("row locks held by a frozen transaction are PostgreSQL's")
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has no row locks (its file lock is another test's)")
     handlers = Handlers()
     handlers.register("quick")(lambda ctx: None)
     worker = Worker(app, handlers, recover_interval_s=0.2, poll_interval_s=0.1)
@@ -459,15 +487,19 @@ def test_a_worker_keeps_working_while_a_frozen_peer_holds_a_row_lock(
     frozen = sqlalchemy.create_engine(app.engine.url)
     watcher = sqlalchemy.create_engine(app.engine.url, isolation_level="AUTOCOMMIT")
 
+    mysql = app.engine.dialect.name in ("mysql", "mariadb")
+    blocked_by = (
+        "SELECT count(*) FROM information_schema.innodb_lock_waits w"
+        " JOIN information_schema.innodb_trx b ON b.trx_id = w.blocking_trx_id"
+        " WHERE b.trx_mysql_thread_id = :holder"
+        if mysql
+        else "SELECT count(*) FROM pg_stat_activity"
+        " WHERE CAST(:holder AS integer) = ANY(pg_blocking_pids(pid))"
+    )
+
     def waits_for(holder: int) -> bool:
         with watcher.connect() as conn:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE CAST(:holder AS integer) = ANY(pg_blocking_pids(pid))"
-                ),
-                {"holder": holder},
-            ).scalar_one()
+            waiting = conn.execute(text(blocked_by), {"holder": holder}).scalar_one()
         return bool(waiting)
 
     try:
@@ -486,7 +518,9 @@ def test_a_worker_keeps_working_while_a_frozen_peer_holds_a_row_lock(
             )
             conn.commit()
             conn.execute(text("SELECT id FROM mem_tree_jobs WHERE id = 'job:peer' FOR UPDATE"))
-            holder = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            holder = conn.execute(
+                text("SELECT CONNECTION_ID()" if mysql else "SELECT pg_backend_pid()")
+            ).scalar_one()
             # Today the worker's recovery is soon stuck behind the lock; a worker that skips
             # locked rows never is, so after five recovery passes the test goes on anyway.
             locked_at = time.monotonic()

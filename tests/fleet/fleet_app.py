@@ -36,21 +36,25 @@ runs = Table(
 )
 
 
+#: The server's clock in epoch ms, read the test's own way (not memtree's), per database.
+DATABASE_CLOCKS = {
+    "postgresql": "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+    "mysql": "SELECT CAST(UNIX_TIMESTAMP(SYSDATE(3)) * 1000 AS SIGNED)",
+    "mariadb": "SELECT CAST(UNIX_TIMESTAMP(SYSDATE(3)) * 1000 AS SIGNED)",
+}
+
+
 class Recorder:
     """Writes ``fleet_runs`` rows on the database's clock, each in its own transaction."""
 
     def __init__(self, engine: Engine, real_time_ns: Callable[[], int]) -> None:
         self.engine = engine
         self._real_time_ns = real_time_ns
-        self._pg = engine.dialect.name == "postgresql"
+        self._clock = DATABASE_CLOCKS.get(engine.dialect.name)
 
     def now_ms(self, conn: Any) -> int:
-        if self._pg:
-            return int(
-                conn.execute(
-                    text("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-                ).scalar_one()
-            )
+        if self._clock is not None:
+            return int(conn.execute(text(self._clock)).scalar_one())
         return self._real_time_ns() // 1_000_000
 
     def start(self, ctx: JobContext, key: str | None) -> int:
