@@ -160,3 +160,28 @@ def test_db_check_reports_a_missing_equivalent_index(mysql_url: str) -> None:
             memtree.migration.check(engine)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "sync", "async_"),
+    [
+        ("mysql://u@db/app", "mysql+pymysql", "mysql+aiomysql"),
+        ("mariadb://u@db/app", "mariadb+pymysql", "mariadb+aiomysql"),
+        ("mariadb+aiomysql://u@db/app", "mariadb+pymysql", "mariadb+aiomysql"),
+    ],
+)
+def test_mysql_urls_mean_pymysql_and_aiomysql(url: str, sync: str, async_: str) -> None:
+    assert memtree.engine.sync_url(memtree.engine.normalize_url(url)).drivername == sync
+    assert memtree.async_url(url).drivername == async_
+    assert memtree.engine.normalize_url("mysql+mysqldb://u@db/app").drivername == (
+        "mysql+mysqldb"  # a driver the application chose is kept
+    )
+
+
+def test_memtrees_own_engine_is_read_committed(mysql_url: str) -> None:
+    engine = memtree.create_engine(mysql_url.replace("mariadb+pymysql", "mariadb"))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT @@tx_isolation")).scalar_one() == "READ-COMMITTED"
+    finally:
+        engine.dispose()
