@@ -406,9 +406,14 @@ def _claim_ids(
         return []
     binds = {**params, "ids": list(ids)}
     if dialect_of(executor).returns_rows:
-        return executor.execute(_claim_ids_statement().returning(*jobs.c), binds).all()
+        return executor.execute(_claim_ids_returning_statement(), binds).all()
     executor.execute(_claim_ids_statement(), binds)
     return executor.execute(_claimed_rows_statement(), binds).all()
+
+
+@cache
+def _claim_ids_returning_statement() -> Update:
+    return _claim_ids_statement().returning(*jobs.c)
 
 
 @cache
@@ -885,9 +890,14 @@ def _lock_limit_rows(
         name for name in (*wait, *attempt) if (_url_of(executor), name) not in _LOCK_ROWS_MADE
     ]
     if missing:
-        executor.execute(
-            dialect.insert_if_absent(permits), [{"gate": name, "slot": -1} for name in missing]
-        )
+        # A plain read first: an insert of a row that exists waits for its lock, and an
+        # application's transaction may hold it for as long as it runs.
+        existing = select(permits.c.gate).where(permits.c.gate.in_(missing), permits.c.slot == -1)
+        absent = set(missing) - set(executor.execute(existing).scalars())
+        if absent:
+            executor.execute(
+                dialect.insert_if_absent(permits), [{"gate": name, "slot": -1} for name in absent]
+            )
         _LOCK_ROWS_MADE.update((_url_of(executor), name) for name in missing)
     waiting, trying = dialect.limit_lock_rows(False), dialect.limit_lock_rows(True)
     assert waiting is not None and trying is not None
