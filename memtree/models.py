@@ -77,11 +77,12 @@ Body = Text().with_variant(LONGTEXT(), *MYSQL_FAMILY)
 
 #: The table options every memtree table gets on MySQL: InnoDB (row locks, SKIP LOCKED),
 #: UTF-8 in full, and a binary collation, so ``'Kind'`` and ``'kind'`` stay two kinds
-#: and two keys as they are on the other databases.
+#: and two keys as they are on the other databases. Spelt for both of SQLAlchemy's names
+#: for the engine: each reads options of its own prefix only.
 MYSQL_TABLE_ARGS = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
+    f"{dialect}_{option}": value
+    for dialect in MYSQL_FAMILY
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 
 #: The partial index predicate that defines "active" for dedupe keys. Kept as literal
@@ -199,16 +200,23 @@ class MemTreeRateEvent(Base):
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
     limit_name: Mapped[str] = mapped_column(Key(), nullable=False)
-    # '' when the limit is not partitioned: one budget for the whole fleet. At most 500
-    # characters on MySQL, where the window's index must fit InnoDB's key size.
-    partition_key: Mapped[str] = mapped_column(Key(500), nullable=False, server_default=text("''"))
+    # '' when the limit is not partitioned: one budget for the whole fleet. At most 2,000
+    # characters on MySQL (as a dedupe key), whose window index holds the first 255.
+    partition_key: Mapped[str] = mapped_column(Key(2000), nullable=False, server_default=text("''"))
     at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
     weight: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
     # The job whose claim counted this start; NULL for an application's own call.
     job_id: Mapped[str | None] = mapped_column(Key())
 
     __table_args__ = (
-        Index("ix_mem_tree_rate_events_window", "limit_name", "partition_key", "at_ms"),
+        Index(
+            "ix_mem_tree_rate_events_window",
+            "limit_name",
+            "partition_key",
+            "at_ms",
+            mysql_length={"partition_key": 255},  # InnoDB's key size: the first 255
+            mariadb_length={"partition_key": 255},
+        ),
         MYSQL_TABLE_ARGS,
     )
 

@@ -105,7 +105,9 @@ def _reset_mysql(url: str) -> None:
         )
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
+        # The server's default character set and collation (case-insensitive): memtree's
+        # tables must bring their own.
+        conn.execute(text(f"CREATE DATABASE `{name}`"))
 
 
 @pytest.fixture(scope="session")

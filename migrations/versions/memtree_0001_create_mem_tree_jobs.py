@@ -22,10 +22,11 @@ Millis = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 #: MySQL and MariaDB, as SQLAlchemy names them. They cannot index TEXT whole, their TEXT
 #: stops at 64 KiB, and they have no partial indexes: their columns and indexes differ.
 MYSQL = ("mysql", "mariadb")
+#: For both names SQLAlchemy gives the engine (each reads its own prefix only).
 TABLE_OPTIONS = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
+    f"{dialect}_{option}": value
+    for dialect in MYSQL
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 
 

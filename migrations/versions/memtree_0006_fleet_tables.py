@@ -27,10 +27,11 @@ Millis = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 #: MySQL and MariaDB, as SQLAlchemy names them. They cannot index TEXT whole and have no
 #: partial indexes: their columns and indexes differ.
 MYSQL = ("mysql", "mariadb")
+#: For both names SQLAlchemy gives the engine (each reads its own prefix only).
 TABLE_OPTIONS = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
+    f"{dialect}_{option}": value
+    for dialect in MYSQL
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 
 
@@ -73,7 +74,7 @@ def upgrade() -> None:
             autoincrement=True,
         ),
         sa.Column("limit_name", Key(), nullable=False),
-        sa.Column("partition_key", Key(500), nullable=False, server_default=sa.text("''")),
+        sa.Column("partition_key", Key(2000), nullable=False, server_default=sa.text("''")),
         sa.Column("at_ms", Millis, nullable=False),
         sa.Column("weight", sa.Integer(), nullable=False, server_default=sa.text("1")),
         sa.Column("job_id", Key(), nullable=True),
@@ -84,6 +85,8 @@ def upgrade() -> None:
         "ix_mem_tree_rate_events_window",
         "mem_tree_rate_events",
         ["limit_name", "partition_key", "at_ms"],
+        # MySQL indexes the first 255 characters of a key (InnoDB's key size).
+        **{f"{dialect}_length": {"partition_key": 255} for dialect in MYSQL},
     )
     op.create_table(
         "mem_tree_schedules",
