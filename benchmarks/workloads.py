@@ -64,6 +64,7 @@ SYSTEMS: dict[str, System] = {
         System("huey", "sqlite", "huey", "huey SqliteHuey (fsync=False)", ("huey",)),
         System("huey-default", "sqlite", "huey", "huey SqliteHuey (defaults: FULL)", ("huey",)),
         # Issue 14: MariaDB (InnoDB, READ COMMITTED), through PyMySQL.
+        System("memtree-mariadb", "mariadb", "memtree", "memtree (MariaDB, PyMySQL)", ("pymysql",)),
         System("floor-mariadb", "mariadb", "floor", "raw-SQL floor (PyMySQL)", ("pymysql",)),
     )
 }
