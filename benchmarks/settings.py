@@ -14,7 +14,7 @@ PG_ADMIN_URL = os.environ.get(
 #: The MariaDB server of the MariaDB systems (issue 14); each gets its own database on it.
 MARIADB_ADMIN_URL = os.environ.get(
     "MEMTREE_BENCH_MARIADB_URL",
-    os.environ.get("MEMTREE_TEST_MARIADB_URL", "mariadb+pymysql://root@127.0.0.1:3306/"),
+    os.environ.get("MEMTREE_TEST_MYSQL_URL", "mariadb+pymysql://root@127.0.0.1:3306/"),
 )
 
 #: The kind every benchmark job has: not in memtree's claim order, not gated.

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgresql, pytest.mark.sqlite]
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("MEMTREE_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/postgres")
-MARIADB_URL = os.environ.get("MEMTREE_TEST_MARIADB_URL", "mariadb+pymysql://root@127.0.0.1:3306/")
+MARIADB_URL = os.environ.get("MEMTREE_TEST_MYSQL_URL", "mariadb+pymysql://root@127.0.0.1:3306/")
 
 WORKLOADS = ("enqueue", "drain", "fleet", "latency", "backlog", "memory")
 
