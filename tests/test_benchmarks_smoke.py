@@ -191,6 +191,7 @@ def test_the_raw_sql_floor(smoke: dict[str, Any], system: str) -> None:
 MARIADB_WORKLOADS = {"enqueue", "drain", "backlog", "memory"}
 
 
+@pytest.mark.mariadb
 def test_memtree_on_mariadb(smoke: dict[str, Any], mariadb: None) -> None:
     system = "memtree-mariadb"
     assert system not in smoke["meta"]["skipped"], smoke["meta"]["skipped"][system]
@@ -199,6 +200,7 @@ def test_memtree_on_mariadb(smoke: dict[str, Any], mariadb: None) -> None:
     _check(smoke, system, expected)
 
 
+@pytest.mark.mariadb
 def test_the_raw_sql_floor_on_mariadb(smoke: dict[str, Any], mariadb: None) -> None:
     assert "floor-mariadb" not in smoke["meta"]["skipped"], smoke["meta"]["skipped"]
     _check(smoke, "floor-mariadb", EXPECTED["floor"])
