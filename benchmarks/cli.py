@@ -20,12 +20,13 @@ from typing import Any
 from rich.console import Console
 
 from benchmarks import report
-from benchmarks.dbs import Databases, pg_reachable
+from benchmarks.dbs import Databases, mariadb_reachable, pg_reachable
 from benchmarks.settings import (
     DRAIN_CONCURRENCY,
     FULL,
     HUEY_POLL_S,
     LATENCY_CONCURRENCY,
+    MARIADB_ADMIN_URL,
     PG_ADMIN_URL,
     PGQUEUER_BATCH,
     PROCRASTINATE_CONCURRENCY,
@@ -38,6 +39,7 @@ DISTRIBUTIONS = (
     "memtree",
     "SQLAlchemy",
     "psycopg",
+    "PyMySQL",
     "pgqueuer",
     "asyncpg",
     "procrastinate",
@@ -71,6 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"memtree worker concurrency = floor claim batch [default {DRAIN_CONCURRENCY}]",
     )
     parser.add_argument("--pg-url", default=PG_ADMIN_URL, help="the PostgreSQL server (admin)")
+    parser.add_argument(
+        "--mariadb-url", default=MARIADB_ADMIN_URL, help="the MariaDB server (admin)"
+    )
     parser.add_argument(
         "--replot",
         type=Path,
@@ -168,7 +173,18 @@ def _pg_version(url: str) -> str | None:
         return None
 
 
-def machine(pg_url: str) -> dict[str, Any]:
+def _mariadb_version(url: str) -> str | None:
+    try:
+        from benchmarks.dbs import mariadb_raw
+
+        with mariadb_raw(url, database=None, connect_timeout=3) as conn:
+            row = conn.execute("SELECT VERSION()").fetchone()
+            return str(row[0]) if row else None
+    except Exception:
+        return None
+
+
+def machine(pg_url: str, mariadb_url: str | None = None) -> dict[str, Any]:
     return {
         "cpu": _cpu(),
         "cores": os.cpu_count(),
@@ -176,6 +192,7 @@ def machine(pg_url: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "postgresql": _pg_version(pg_url),
+        "mariadb": _mariadb_version(mariadb_url) if mariadb_url else None,
         "sqlite": sqlite3.sqlite_version,
         "load_average": list(os.getloadavg()),
     }
@@ -192,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: dict[str, str] = {}
     why_no_pg = pg_reachable(args.pg_url)
+    why_no_mariadb: str | None = None
+    if any(SYSTEMS[name].backend == "mariadb" for name in wanted):
+        why_no_mariadb = mariadb_reachable(args.mariadb_url)
     systems: list[str] = []
     for name in wanted:
         spec = SYSTEMS[name]
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
         elif spec.backend == "postgresql" and why_no_pg:
             skipped[name] = f"PostgreSQL not reachable at {args.pg_url}: {why_no_pg}"
+        elif spec.backend == "mariadb" and why_no_mariadb:
+            skipped[name] = f"MariaDB not reachable at {args.mariadb_url}: {why_no_mariadb}"
         else:
             systems.append(name)
     for name, reason in skipped.items():
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": systems,
         "skipped": skipped,
         "peers": list(PEERS),
-        "machine": machine(args.pg_url),
+        "machine": machine(args.pg_url, args.mariadb_url),
         "versions": {name: _version(name) for name in DISTRIBUTIONS},
         "git": _git(),
         "settings": {
@@ -227,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             "procrastinate_concurrency": PROCRASTINATE_CONCURRENCY,
             "huey_poll_s": HUEY_POLL_S,
             "sqlite_synchronous": "NORMAL (memtree, floor); OFF (huey fsync=False)",
+            "mariadb_isolation": "READ COMMITTED (floor; memtree sets its own)",
         },
         "command": " ".join(
             ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
@@ -236,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         f"memtree benchmarks ({sizes.name}): {', '.join(workloads)} on {', '.join(systems)}"
     )
 
-    databases = Databases(args.pg_url, pg_available=why_no_pg is None)
+    databases = Databases(
+        args.pg_url,
+        pg_available=why_no_pg is None,
+        mariadb_url=args.mariadb_url,
+        mariadb_available=why_no_mariadb is None,
+    )
     run = Run(
         sizes=sizes,
         databases=databases,

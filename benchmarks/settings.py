@@ -11,6 +11,12 @@ PG_ADMIN_URL = os.environ.get(
     os.environ.get("MEMTREE_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/postgres"),
 )
 
+#: The MariaDB server of the MariaDB systems (issue 14); each gets its own database on it.
+MARIADB_ADMIN_URL = os.environ.get(
+    "MEMTREE_BENCH_MARIADB_URL",
+    os.environ.get("MEMTREE_TEST_MYSQL_URL", "mariadb+pymysql://root@127.0.0.1:3306/"),
+)
+
 #: The kind every benchmark job has: not in memtree's claim order, not gated.
 KIND = "bench_noop"
 #: The fleet workload's global gate over ``KIND`` (memtree.Gate(GATE_NAME, ...)).
@@ -42,8 +48,9 @@ DRAIN_CONCURRENCY = 128
 #: Concurrency of the transactional drain (each running handler holds a connection and
 #: commits once per job), the best of 1/2/4/8/16 measured here: on PostgreSQL commits
 #: overlap, on SQLite writers queue for one lock, so one thread is fastest. The floor
-#: claims at the same batch size.
-TX_CONCURRENCY = {"postgresql": 4, "sqlite": 1}
+#: claims at the same batch size. MariaDB (a server whose commits overlap too) takes
+#: PostgreSQL's 4.
+TX_CONCURRENCY = {"postgresql": 4, "mariadb": 4, "sqlite": 1}
 #: Worker threads of the latency workload's idle worker.
 LATENCY_CONCURRENCY = 4
 

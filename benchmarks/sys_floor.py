@@ -1,4 +1,4 @@
-"""The raw-SQL floor: the driver alone (psycopg 3 / sqlite3) on memtree's own table.
+"""The raw-SQL floor: the driver alone (psycopg 3 / PyMySQL / sqlite3) on memtree's table.
 
 The least SQL a leased queue can run: per claim batch one claim statement (the same
 ``UPDATE … WHERE id IN (SELECT … ORDER BY available_at_ms LIMIT n [FOR UPDATE SKIP
@@ -8,6 +8,14 @@ settle of the batch just run and the claim of the next share a transaction, and 
 jobs run after it commits. The transactional floor claims a batch, then commits once
 per job: one domain row inserted and the job settled, fenced to its lease, in one
 transaction. Enqueue: one INSERT per transaction, or ``executemany`` of a batch in one.
+
+MariaDB has no ``UPDATE … RETURNING``, so its claim is two statements in the claim's
+transaction: ``SELECT id, kind, payload_json … ORDER BY available_at_ms LIMIT n FOR
+UPDATE SKIP LOCKED``, then ``UPDATE … WHERE id IN (…)`` of the rows it locked; its
+settle is ``UPDATE … SET status = 'done' WHERE id IN (…) AND lease_token = …`` (a
+batch's rows share their claim's token). PyMySQL's ``executemany`` sends a batch of
+inserts as one multi-row ``INSERT``. Every transaction runs at READ COMMITTED, on the
+floor's own table (``dbs.FLOOR_DDL_MARIADB``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import psycopg
 
 from benchmarks import proc
-from benchmarks.dbs import Target, now_ms, sqlite_connect
+from benchmarks.dbs import Target, mariadb_connect, now_ms, sqlite_connect
 from benchmarks.settings import KIND, TX_KIND
 
 LEASE_MS = 5 * 60 * 1000
@@ -64,6 +72,43 @@ UPDATE mem_tree_jobs
 """
 PG_EFFECT = "INSERT INTO bench_effects (job_id, created_at_ms) VALUES (%(id)s, %(now)s)"
 
+#: Every value a placeholder, so that PyMySQL's ``executemany`` rewrites a batch into
+#: one multi-row INSERT (it does so only for a VALUES list of placeholders alone).
+MARIADB_INSERT = (
+    f"INSERT INTO mem_tree_jobs ({_INSERT_COLUMNS})"  # noqa: S608 - constants only
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+)
+MARIADB_CLAIM_SELECT = """
+SELECT id, kind, payload_json FROM mem_tree_jobs
+ WHERE status = 'ready' AND kind = %(kind)s AND available_at_ms <= %(now)s
+ ORDER BY available_at_ms LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED
+"""
+MARIADB_SETTLE_ONE = PG_SETTLE_ONE  # the same statement, and the same %(name)s style
+MARIADB_EFFECT = PG_EFFECT
+
+
+@cache
+def _mariadb_claim_update(count: int) -> str:
+    ids = ", ".join(["%s"] * count)
+    return (
+        "UPDATE mem_tree_jobs"  # noqa: S608 - placeholders only
+        " SET status = 'running', attempts = attempts + 1, started_at_ms = %s,"
+        " locked_until_ms = %s, last_error = NULL, lease_token = %s"
+        f" WHERE id IN ({ids})"
+    )
+
+
+@cache
+def _mariadb_settle_many(count: int) -> str:
+    ids = ", ".join(["%s"] * count)
+    return (
+        "UPDATE mem_tree_jobs"  # noqa: S608 - placeholders only
+        " SET status = 'done', completed_at_ms = %s, locked_until_ms = NULL"
+        f" WHERE status = 'running' AND lease_token = %s AND id IN ({ids})"
+    )
+
+
 SQLITE_CLAIM = """
 UPDATE mem_tree_jobs
    SET status = 'running', attempts = attempts + 1, started_at_ms = :now,
@@ -94,6 +139,10 @@ def _new_row(i: int, now: int) -> tuple[Any, ...]:
     return (f"job:{uuid.uuid4()}", KIND, json.dumps({"i": i}), now, now)
 
 
+def _new_mariadb_row(i: int, now: int) -> tuple[Any, ...]:
+    return (f"job:{uuid.uuid4()}", KIND, json.dumps({"i": i}), "ready", 0, 5, now, now)
+
+
 def _noop(payload_json: str) -> None:
     return None
 
@@ -110,6 +159,18 @@ def enqueue_single(target: Target, count: int, warmup: int = 20) -> float:
                 conn.execute(PG_INSERT, _new_row(i, now_ms()))
                 conn.commit()
             return time.perf_counter() - start
+    if target.is_mariadb:
+        maria = mariadb_connect(target.url)
+        try:
+            with maria.cursor() as cursor:
+                for i in range(-warmup, count):
+                    if i == 0:
+                        start = time.perf_counter()
+                    cursor.execute(MARIADB_INSERT, _new_mariadb_row(i, now_ms()))
+                    maria.commit()
+            return time.perf_counter() - start
+        finally:
+            maria.close()
     lite = sqlite_connect(target.path)
     try:
         for i in range(-warmup, count):
@@ -136,6 +197,23 @@ def enqueue_batched(target: Target, count: int, batch: int) -> float:
                     cursor.executemany(PG_INSERT, rows)
                 conn.commit()
             return time.perf_counter() - start
+    if target.is_mariadb:
+        maria = mariadb_connect(target.url)
+        try:
+            with maria.cursor() as cursor:
+                cursor.execute(MARIADB_INSERT, _new_mariadb_row(-1, now_ms()))
+                maria.commit()
+                start = time.perf_counter()
+                for offset in range(0, count, batch):
+                    now = now_ms()
+                    rows = [
+                        _new_mariadb_row(i, now) for i in range(offset, min(offset + batch, count))
+                    ]
+                    cursor.executemany(MARIADB_INSERT, rows)  # one multi-row INSERT
+                    maria.commit()
+            return time.perf_counter() - start
+        finally:
+            maria.close()
     lite = sqlite_connect(target.path)
     try:
         start = time.perf_counter()
@@ -178,15 +256,20 @@ class _Claimer:
     def __init__(self, target: Target) -> None:
         self.is_pg = target.is_pg
         self.pg: psycopg.Connection[Any] | None = None
+        self.maria: Any = None  # a PyMySQL connection, autocommit off, READ COMMITTED
         self.lite: sqlite3.Connection | None = None
         if self.is_pg:
             self.pg = psycopg.connect(target.url)
+        elif target.is_mariadb:
+            self.maria = mariadb_connect(target.url)
         else:
             self.lite = sqlite_connect(target.path)
 
     def close(self) -> None:
         if self.pg is not None:
             self.pg.close()
+        if self.maria is not None:
+            self.maria.close()
         if self.lite is not None:
             self.lite.close()
 
@@ -204,6 +287,8 @@ class _Claimer:
     def commit(self) -> None:
         if self.pg is not None:
             self.pg.commit()
+        elif self.maria is not None:
+            self.maria.commit()
         else:
             assert self.lite is not None
             self.lite.execute("COMMIT")
@@ -219,6 +304,17 @@ class _Claimer:
         }
         if self.pg is not None:
             return self.pg.execute(PG_CLAIM, params).fetchall()
+        if self.maria is not None:
+            with self.maria.cursor() as cursor:
+                cursor.execute(MARIADB_CLAIM_SELECT, params)
+                locked = cursor.fetchall()
+                if not locked:
+                    return []
+                cursor.execute(
+                    _mariadb_claim_update(len(locked)),
+                    [now, params["until"], params["token"], *(r[0] for r in locked)],
+                )
+            return [(r[0], r[1], r[2], params["token"]) for r in locked]
         assert self.lite is not None
         return self.lite.execute(SQLITE_CLAIM, params).fetchall()
 
@@ -233,6 +329,16 @@ class _Claimer:
                 {"now": now, "ids": [r[0] for r in rows], "tokens": [r[3] for r in rows]},
             )
             return cursor.rowcount
+        if self.maria is not None:
+            settled = 0
+            tokens = {r[3] for r in rows}  # one: the batch of one claim
+            with self.maria.cursor() as maria_cursor:
+                for token in tokens:
+                    ids = [r[0] for r in rows if r[3] == token]
+                    settled += maria_cursor.execute(
+                        _mariadb_settle_many(len(ids)), [now, token, *ids]
+                    )
+            return settled
         assert self.lite is not None
         params: list[Any] = [now]
         for row in rows:
@@ -246,6 +352,10 @@ class _Claimer:
         if self.pg is not None:
             self.pg.execute(PG_EFFECT, params)
             count = self.pg.execute(PG_SETTLE_ONE, params).rowcount
+        elif self.maria is not None:
+            with self.maria.cursor() as cursor:
+                cursor.execute(MARIADB_EFFECT, params)
+                count = cursor.execute(MARIADB_SETTLE_ONE, params)
         else:
             assert self.lite is not None
             self.lite.execute(SQLITE_EFFECT, params)

@@ -1,4 +1,5 @@
-"""memtree, through its public API, on PostgreSQL (psycopg 3) and SQLite (file, WAL)."""
+"""memtree, through its public API, on PostgreSQL (psycopg 3), MariaDB (PyMySQL) and SQLite
+(file, WAL)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ WORKLOADS = ("enqueue", "drain", "fleet", "latency", "backlog", "memory")
 @dataclass(frozen=True)
 class System:
     name: str
-    backend: str  # "postgresql" or "sqlite"
+    backend: str  # "postgresql", "mariadb" or "sqlite"
     family: str  # memtree, floor, pgqueuer, procrastinate, huey
     label: str
     modules: tuple[str, ...] = ()  # what must be importable
@@ -63,6 +63,9 @@ SYSTEMS: dict[str, System] = {
         System("floor-sqlite", "sqlite", "floor", "raw-SQL floor (sqlite3, WAL, NORMAL)"),
         System("huey", "sqlite", "huey", "huey SqliteHuey (fsync=False)", ("huey",)),
         System("huey-default", "sqlite", "huey", "huey SqliteHuey (defaults: FULL)", ("huey",)),
+        # Issue 14: MariaDB (InnoDB, READ COMMITTED), through PyMySQL.
+        System("memtree-mariadb", "mariadb", "memtree", "memtree (MariaDB, PyMySQL)", ("pymysql",)),
+        System("floor-mariadb", "mariadb", "floor", "raw-SQL floor (PyMySQL)", ("pymysql",)),
     )
 }
 PEERS = ("pgqueuer", "procrastinate", "huey")
@@ -116,10 +119,14 @@ class Run:
         spec = SYSTEMS[system]
         if spec.backend == "postgresql":
             target = self.databases.pg(system)
+        elif spec.backend == "mariadb":
+            target = self.databases.mariadb(system)
         else:
             target = self.databases.sqlite(system)
         try:
-            if spec.family in ("memtree", "memtree-async", "floor"):
+            if spec.family == "floor" and target.is_mariadb:
+                dbs.create_floor_mariadb(target)  # the floor's own table
+            elif spec.family in ("memtree", "memtree-async", "floor"):
                 dbs.migrate_memtree(target)
             elif spec.family == "pgqueuer":
                 from benchmarks import sys_pgqueuer
@@ -579,7 +586,7 @@ def _latency_other_process(run: Run, system: str) -> None:
         spec = {
             "backend": target.backend,
             "url": target.url,
-            "path": target.path if not target.is_pg else None,
+            "path": target.path if not target.is_server else None,
             "concurrency": LATENCY_CONCURRENCY,
             "batch": PGQUEUER_BATCH,
         }
@@ -716,7 +723,7 @@ def _backlog_backend(run: Run, systems: list[str]) -> None:
 
 
 def backlog(run: Run) -> None:
-    for backend in ("postgresql", "sqlite"):
+    for backend in ("postgresql", "mariadb", "sqlite"):
         systems = [
             system
             for system in run.systems

@@ -1,13 +1,15 @@
 """The benchmark harness at a tiny size, so that it cannot rot.
 
 One ``python -m benchmarks --smoke --json ... --chart ...`` run in a subprocess, then
-checks that every workload produced a positive figure for memtree on both databases,
-for the raw-SQL floors and for each peer. Nothing here asserts a speed: the figures
-of a smoke run mean nothing, and the full run is a manual command
-(``docs/benchmarks.md``).
+checks that every workload produced a positive figure for memtree on every database
+(PostgreSQL, SQLite, MariaDB), for the raw-SQL floors and for each peer. Nothing here
+asserts a speed: the figures of a smoke run mean nothing, and the full run is a manual
+command (``docs/benchmarks.md``).
 
 A peer is skipped, with the reason, only when its package is not importable; under
-``CI=true`` the peers of the ``test`` extra must be there.
+``CI=true`` the peers of the ``test`` extra must be there. The MariaDB systems are
+skipped, with the reason, when the MariaDB server is not reachable (or PyMySQL is not
+installed), except under ``CI=true``, where that fails, as PostgreSQL's absence does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgresql, pytest.mark.sqlite]
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get("MEMTREE_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/postgres")
+MARIADB_URL = os.environ.get("MEMTREE_TEST_MYSQL_URL", "mariadb+pymysql://root@127.0.0.1:3306/")
 
 WORKLOADS = ("enqueue", "drain", "fleet", "latency", "backlog", "memory")
 
@@ -75,6 +78,28 @@ def _pg_problem() -> str | None:
     return None
 
 
+def _mariadb_problem() -> str | None:
+    try:
+        from benchmarks.dbs import mariadb_raw
+
+        with mariadb_raw(MARIADB_URL, database=None, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def mariadb() -> None:
+    """Skip a MariaDB system's test when the server is not there (fail under CI)."""
+    problem = _mariadb_problem()
+    if problem is not None:
+        message = f"MariaDB is not reachable at {MARIADB_URL}: {problem}"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true requires the MariaDB benchmark smoke run)")
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     problem = _pg_problem()
@@ -95,6 +120,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(out / "smoke.png"),
         "--pg-url",
         PG_URL,
+        "--mariadb-url",
+        MARIADB_URL,
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
@@ -160,6 +187,25 @@ def test_the_raw_sql_floor(smoke: dict[str, Any], system: str) -> None:
     _check(smoke, system, EXPECTED["floor"])
 
 
+#: Issue 14's MariaDB systems: no fleet (PostgreSQL's) and no latency workload.
+MARIADB_WORKLOADS = {"enqueue", "drain", "backlog", "memory"}
+
+
+@pytest.mark.mariadb
+def test_memtree_on_mariadb(smoke: dict[str, Any], mariadb: None) -> None:
+    system = "memtree-mariadb"
+    assert system not in smoke["meta"]["skipped"], smoke["meta"]["skipped"][system]
+    assert {f["workload"] for f in smoke["figures"] if f["system"] == system} == MARIADB_WORKLOADS
+    expected = {w: cases for w, cases in EXPECTED["memtree"].items() if w in MARIADB_WORKLOADS}
+    _check(smoke, system, expected)
+
+
+@pytest.mark.mariadb
+def test_the_raw_sql_floor_on_mariadb(smoke: dict[str, Any], mariadb: None) -> None:
+    assert "floor-mariadb" not in smoke["meta"]["skipped"], smoke["meta"]["skipped"]
+    _check(smoke, "floor-mariadb", EXPECTED["floor"])
+
+
 @pytest.mark.parametrize("peer", ["pgqueuer", "procrastinate", "huey"])
 def test_each_peer(smoke: dict[str, Any], peer: str) -> None:
     missing = [m for m in PEER_MODULES[peer] if importlib.util.find_spec(m) is None]
@@ -177,10 +223,14 @@ def test_every_ratio_was_computed(smoke: dict[str, Any]) -> None:
     """Every comparison with both figures present has a result (pass, FAIL or info)."""
     statuses = {row["status"] for row in smoke["checks"]}
     assert statuses <= {"pass", "FAIL", "info", "n/a"}
+    skipped = set(smoke["meta"]["skipped"])  # e.g. the MariaDB systems, without a server
     missing = [
         row["label"]
         for row in smoke["checks"]
-        if row["status"] == "n/a" and row["system"].startswith("memtree")
+        if row["status"] == "n/a"
+        and row["system"].startswith("memtree")
+        and row["system"] not in skipped
+        and row["other"] not in skipped
     ]
     installed = all(
         importlib.util.find_spec(m) is not None for mods in PEER_MODULES.values() for m in mods
