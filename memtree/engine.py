@@ -393,11 +393,17 @@ def create_engine(
     busy_timeout_ms = _busy_timeout(sqlite_busy_timeout_ms)
     parsed = normalize_url(url)
     dialect_for(parsed.get_backend_name())  # an unsupported database fails before its driver loads
+    reset_when_in_transaction = False
     if parsed.get_backend_name() in _MYSQL_FAMILY:
         kwargs.setdefault("isolation_level", "READ COMMITTED")
+        if "pool_reset_on_return" not in kwargs and kwargs["isolation_level"] == "READ COMMITTED":
+            kwargs["pool_reset_on_return"] = None
+            reset_when_in_transaction = True
     engine = sqlalchemy.create_engine(parsed, **kwargs)
     if engine.dialect.name in _MYSQL_FAMILY and kwargs["isolation_level"] == "READ COMMITTED":
         _READ_COMMITTED.add(engine.dialect)
+    if reset_when_in_transaction:
+        _reset_only_open_transactions(engine)
     if engine.dialect.name == "sqlite":
         _install(engine, _SQLiteSetup(journal_mode, synchronous, busy_timeout_ms, True))
     elif "pool_pre_ping" not in kwargs:
@@ -558,6 +564,30 @@ def async_handler_session(engine: AsyncEngine) -> AsyncSession:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     return AsyncSession(bind=engine)
+
+
+def _reset_only_open_transactions(engine: Engine) -> None:
+    """Roll a returned MySQL connection back only when it is inside a transaction.
+
+    The pool's own reset sends a ROLLBACK for every connection it gets back, and PyMySQL
+    sends it to the server even after a COMMIT: a round trip in every three of a single
+    enqueue. The server reports in every reply whether a transaction is open, and PyMySQL
+    keeps that flag, so a connection that committed or rolled back is returned as it is,
+    and one returned mid-transaction (a raw connection's) is still rolled back. Only at
+    READ COMMITTED: there a transaction that only read holds nothing (the server does not
+    flag it), where at REPEATABLE READ its snapshot would pass to the next checkout."""
+
+    @event.listens_for(engine, "reset")
+    def _on_reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
+        status = getattr(dbapi_connection, "server_status", None)
+        if state.terminate_only:
+            return
+        if not isinstance(status, int) or status & _SERVER_STATUS_IN_TRANS:
+            dbapi_connection.rollback()
+
+
+#: The server-status bit of MySQL's protocol that says a transaction is open.
+_SERVER_STATUS_IN_TRANS = 1
 
 
 def _ping_after_idle(engine: Engine) -> None:
