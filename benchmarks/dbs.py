@@ -36,36 +36,6 @@ EFFECTS_DDL_MARIADB = (
     " created_at_ms BIGINT NOT NULL) ENGINE=InnoDB"
 )
 
-#: The MariaDB floor's own table (memtree's migrations are not what the floor measures
-#: against, and it must run where memtree does not): memtree's columns, shaped as a
-#: MariaDB table of memtree's would be: exact-match (``utf8mb4_bin``) VARCHAR keys, a
-#: LONGTEXT payload, BIGINT epoch-millisecond columns, InnoDB, and the one index a claim
-#: of ready rows of one kind in due order walks.
-FLOOR_DDL_MARIADB = """
-CREATE TABLE mem_tree_jobs (
-  id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-  kind VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-  payload_json LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-  dedupe_key VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
-  status VARCHAR(32) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'ready',
-  attempts INT NOT NULL DEFAULT 0,
-  max_attempts INT NOT NULL DEFAULT 5,
-  available_at_ms BIGINT NOT NULL,
-  locked_until_ms BIGINT NULL,
-  last_error LONGTEXT NULL,
-  created_at_ms BIGINT NOT NULL,
-  started_at_ms BIGINT NULL,
-  completed_at_ms BIGINT NULL,
-  failure_reason LONGTEXT NULL,
-  failure_class LONGTEXT NULL,
-  lease_token VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
-  cancel_requested_at_ms BIGINT NULL,
-  heal_count INT NOT NULL DEFAULT 0,
-  PRIMARY KEY (id),
-  KEY ix_mem_tree_jobs_claim (status, kind, available_at_ms)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
-"""
-
 #: The isolation the MariaDB floor's transactions run at (memtree's on MariaDB too).
 MARIADB_ISOLATION = "READ COMMITTED"
 
@@ -323,13 +293,6 @@ def migrate_memtree(target: Target) -> None:
         engine.dispose()
     with raw(target) as conn:
         conn.execute(_effects_ddl(target))
-
-
-def create_floor_mariadb(target: Target) -> None:
-    """The MariaDB floor's table (:data:`FLOOR_DDL_MARIADB`) plus the domain table."""
-    with raw(target) as conn:
-        conn.execute(FLOOR_DDL_MARIADB)
-        conn.execute(EFFECTS_DDL_MARIADB)
 
 
 def reset_memtree(target: Target) -> None:

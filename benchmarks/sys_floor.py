@@ -14,8 +14,9 @@ transaction: ``SELECT id, kind, payload_json … ORDER BY available_at_ms LIMIT 
 UPDATE SKIP LOCKED``, then ``UPDATE … WHERE id IN (…)`` of the rows it locked; its
 settle is ``UPDATE … SET status = 'done' WHERE id IN (…) AND lease_token = …`` (a
 batch's rows share their claim's token). PyMySQL's ``executemany`` sends a batch of
-inserts as one multi-row ``INSERT``. Every transaction runs at READ COMMITTED, on the
-floor's own table (``dbs.FLOOR_DDL_MARIADB``).
+inserts as one multi-row ``INSERT``. Every transaction runs at READ COMMITTED, on
+memtree's own table as its revisions make it on MariaDB (every index included), as the
+other floors run on theirs.
 """
 
 from __future__ import annotations

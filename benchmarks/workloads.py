@@ -124,9 +124,7 @@ class Run:
         else:
             target = self.databases.sqlite(system)
         try:
-            if spec.family == "floor" and target.is_mariadb:
-                dbs.create_floor_mariadb(target)  # the floor's own table
-            elif spec.family in ("memtree", "memtree-async", "floor"):
+            if spec.family in ("memtree", "memtree-async", "floor"):
                 dbs.migrate_memtree(target)
             elif spec.family == "pgqueuer":
                 from benchmarks import sys_pgqueuer

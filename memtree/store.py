@@ -363,7 +363,16 @@ def _locking_branches(
     database cannot lock rows in a UNION's branches and update them in one statement
     (MySQL)."""
     return tuple(
-        (priority, _branch(kind_filter, priority, True))
+        (
+            priority,
+            select(*jobs.c)
+            .where(jobs.c.status == READY)
+            .where(jobs.c.available_at_ms <= bindparam("now"))
+            .where(kind_filter)
+            .order_by(jobs.c.available_at_ms)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True),
+        )
         for kind_filter, priority in _branch_filters(claim_order, retired_kinds, kinds)
     )
 
@@ -374,14 +383,16 @@ def _claim_by_pick(
     retired_kinds: tuple[str, ...],
     kinds: tuple[str, ...] | None,
     params: dict[str, Any],
-) -> Sequence[Row[Any]]:
+) -> Sequence[Sequence[Any]]:
     """A claim where an UPDATE cannot return rows (MySQL): lock due ready rows branch by
     branch (``FOR UPDATE SKIP LOCKED``, the claim index in due order, at most what is
-    still wanted), then claim them by id and read them back."""
-    ids: list[str] = []
+    still wanted), then claim them by id. The rows are locked from the read to the
+    commit, so the claimed rows are the rows read with the claim's values applied, as
+    the UPDATE applies them: no read back."""
+    picked: list[Row[Any]] = []
     branches = _locking_branches(claim_order, retired_kinds, kinds)
     for _, group in itertools.groupby(branches, key=lambda branch: branch[0]):
-        wanted = params["limit"] - len(ids)
+        wanted = params["limit"] - len(picked)
         if wanted <= 0:
             break
         # Kinds of one priority are claimed in due order across them: each branch's first
@@ -392,9 +403,35 @@ def _claim_by_pick(
             for _, branch in group
             for row in executor.execute(branch, {"now": params["now"], "limit": wanted})
         ]
-        found.sort(key=lambda row: row[2])
-        ids.extend(row[0] for row in found[:wanted])
-    return _claim_ids(executor, ids, params)
+        found.sort(key=lambda row: row[_DUE])
+        picked.extend(found[:wanted])
+    if not picked:
+        return []
+    executor.execute(_claim_ids_statement(), {**params, "ids": [row[0] for row in picked]})
+    return [_as_claimed(row, params) for row in picked]
+
+
+def _as_claimed(row: Row[Any], params: dict[str, Any]) -> tuple[Any, ...]:
+    """A ready row's values once :func:`_claim_values` applied (the same arithmetic)."""
+    values = list(row)
+    attempts = values[_ATTEMPTS]
+    values[_STATUS] = JobStatus.RUNNING.value
+    values[_ATTEMPTS] = attempts + 1 if attempts < _MAX_ATTEMPTS else attempts
+    values[_STARTED] = params["now"]
+    values[_LOCKED_UNTIL] = params["until"]
+    values[_LAST_ERROR] = None
+    values[_TOKEN] = params["token"]
+    return tuple(values)
+
+
+_COLUMN_AT = {column.name: index for index, column in enumerate(jobs.c)}
+_DUE = _COLUMN_AT["available_at_ms"]
+_STATUS = _COLUMN_AT["status"]
+_ATTEMPTS = _COLUMN_AT["attempts"]
+_STARTED = _COLUMN_AT["started_at_ms"]
+_LOCKED_UNTIL = _COLUMN_AT["locked_until_ms"]
+_LAST_ERROR = _COLUMN_AT["last_error"]
+_TOKEN = _COLUMN_AT["lease_token"]
 
 
 def _claim_ids(
@@ -471,7 +508,7 @@ def claim(
     }
     if dialect.returns_rows:
         statement = _claim_statement(dialect.name, claim_order, retired_kinds, kinds)
-        rows: Sequence[Row[Any]] = executor.execute(statement, params).all()
+        rows: Sequence[Sequence[Any]] = executor.execute(statement, params).all()
     else:
         rows = _claim_by_pick(executor, claim_order, retired_kinds, kinds, params)
     return _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
@@ -479,7 +516,7 @@ def claim(
 
 def _claimed(
     executor: Executor,
-    rows: Sequence[Row[Any]],
+    rows: Sequence[Sequence[Any]],
     *,
     token: str,
     now_ms: int,
