@@ -4,7 +4,8 @@ own columns (lease token, cancel request, heal count).
 The columns, types, defaults and index names are the original's, so a database made
 by the Rust crate and one made by ``memtree db upgrade`` are the same table. Times
 are epoch milliseconds in signed 64-bit columns (``INTEGER`` on SQLite, as the
-original declares them; ``BIGINT`` on PostgreSQL).
+original declares them; ``BIGINT`` on PostgreSQL and MySQL). On MySQL, text columns that
+are indexed are ``VARCHAR`` and long ones ``LONGTEXT`` (see :func:`Key`, :data:`Body`).
 
 This module only describes the table: Alembic revisions in ``migrations/`` create
 it, and ``tests/test_migrations.py`` checks that the two never drift apart.

@@ -9,9 +9,10 @@ Settlement, every state change after a claim, lives in :mod:`memtree.settle`.
   rows: an insert whose key is active does nothing and reports ``None``.
 - A claim is one UPDATE … RETURNING over the rows a pick selects. The pick walks
   ready rows kind by kind through the claim index, so it reads at most ``limit`` rows
-  per kind it may claim instead of sorting the whole backlog. On PostgreSQL the pick
-  locks with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait on each
-  other nor take the same row.
+  per kind it may claim instead of sorting the whole backlog. On PostgreSQL and MySQL
+  the pick locks with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait on
+  each other nor take the same row. MySQL returns no rows from an UPDATE: there the
+  locking reads run kind by kind and the UPDATE of their ids follows.
 - Every claim writes a fresh ``lease_token``; settles are fenced to it.
 - A row another program wrote may hold what memtree never writes (SQLite types loosely:
   text in an integer column, a BLOB payload). Such a row is that row's problem only: due
