@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 import memtree
 from memtree import ConfigurationError, JobStatus, NewJob, Queue, Worker
@@ -218,7 +219,10 @@ def test_a_fastapi_dependency_session_enqueues_with_the_request_sync_and_async(
     Base.metadata.create_all(engine, tables=[Order.__table__])
     queue = Queue(engine)
     queue.migrate()
-    async_engine = create_async_engine(_async_url(flask_db_url))
+    # The TestClient serves the app on a loop of its own, gone before the engine is
+    # disposed: no pool, so no connection outlives the loop it was made on (aiomysql
+    # cannot close one from another loop).
+    async_engine = create_async_engine(_async_url(flask_db_url), poolclass=NullPool)
     async_factory = async_sessionmaker(async_engine)
 
     def get_session() -> Iterator[Session]:
