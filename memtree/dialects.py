@@ -393,16 +393,7 @@ class PostgresDialect(Dialect):
         # finds running, until its transaction ends). Only one that ``also`` refuses was
         # left out for that, unless another transaction still holds it locked: a SKIP
         # LOCKED read returns the rows this one can lock and skips the others'.
-        held = select(jobs.c.id).where(self.holds_claims())
-        if also is None:
-            return held
-        lockable = (
-            select(jobs.c.id)
-            .where(self.holds_claims())
-            .with_for_update(skip_locked=True, of=jobs)
-            .correlate(None)  # its own scan of the table, not the outer query's row
-        )
-        return held.where(or_(also, jobs.c.id.not_in(lockable)))
+        return _held_or_locked(self.holds_claims(), also, lock_of=True)
 
 
 class MySQLDialect(Dialect):
@@ -483,16 +474,8 @@ class MySQLDialect(Dialect):
     def skipped_for_a_lock(
         self, also: ColumnElement[bool] | None = None
     ) -> Select[tuple[str]] | None:
-        held = select(jobs.c.id).where(self.holds_claims())
-        if also is None:
-            return held
-        lockable = (
-            select(jobs.c.id)
-            .where(self.holds_claims())
-            .with_for_update(skip_locked=True)
-            .correlate(None)
-        )
-        return held.where(or_(also, jobs.c.id.not_in(lockable)))
+        # As on PostgreSQL; MariaDB's locking clause names no table (``OF``).
+        return _held_or_locked(self.holds_claims(), also, lock_of=False)
 
     def lock_limits(
         self, wait: Sequence[tuple[int, int]], attempt: Sequence[tuple[int, int]]
@@ -534,6 +517,24 @@ _FENCE_COLUMNS = (jobs.c.id, jobs.c.lease_token, jobs.c.attempts, jobs.c.started
 _DIALECTS: dict[str, Dialect] = {
     d.name: d for d in (SQLiteDialect(), PostgresDialect(), MySQLDialect(), MariaDBDialect())
 }
+
+
+def _held_or_locked(
+    holds: ColumnElement[bool], also: ColumnElement[bool] | None, *, lock_of: bool
+) -> Select[tuple[str]]:
+    """The ids of the claims ``holds`` selects that a batched settle skipped for a lock:
+    every one still held, or, with ``also``, those ``also`` accepts or another
+    transaction holds locked (a SKIP LOCKED read returns only the rows this one can lock)."""
+    held = select(jobs.c.id).where(holds)
+    if also is None:
+        return held
+    lockable = (
+        select(jobs.c.id)
+        .where(holds)
+        .with_for_update(skip_locked=True, of=jobs if lock_of else None)
+        .correlate(None)  # its own scan of the table, not the outer query's row
+    )
+    return held.where(or_(also, jobs.c.id.not_in(lockable)))
 
 
 def _insert_binds() -> dict[str, BindParameter[Any]]:
