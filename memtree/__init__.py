@@ -18,6 +18,7 @@ from memtree.errors import (
     SchemaOutdatedError,
     UnsupportedDatabaseError,
 )
+from memtree.explanation import ExplainReason, Explanation, explain
 from memtree.models import MemTreeJob
 from memtree.queue import (
     Queue,
@@ -61,6 +62,8 @@ __all__ = [
     "DatabaseError",
     "DatabaseFileChangedError",
     "Defer",
+    "ExplainReason",
+    "Explanation",
     "FailureClass",
     "Gate",
     "Handlers",
@@ -91,6 +94,7 @@ __all__ = [
     "enqueue",
     "enqueue_async",
     "enqueue_many",
+    "explain",
     "mark_done",
     "sync_url",
     "wall_clock_ms",

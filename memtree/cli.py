@@ -27,7 +27,7 @@ from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
-from memtree import dberrors, maintenance, migration, store
+from memtree import dberrors, explanation, maintenance, migration, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.limits import Gate, RateLimit
@@ -706,6 +706,28 @@ def _render_status(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def _load_limits(target: str | None) -> list[Gate | RateLimit]:
+    """The memory tree's gates, and the application's fleet-wide limits at ``target``
+    (``module:attribute``, one limit or a list) when given."""
+    from memtree.tree import GATES
+
+    limits: list[Gate | RateLimit] = list(GATES)
+    if target is not None:
+        found = _import_attribute(target, "--limits")
+        extra = list(found) if isinstance(found, list | tuple) else [found]
+        bad = [x for x in extra if not isinstance(x, Gate | RateLimit)]
+        if bad:
+            raise click.ClickException(f"--limits: not a Gate or RateLimit: {bad[0]!r}")
+        limits += [x for x in extra if x.name not in {y.name for y in limits}]
+    return limits
+
+
+_LIMITS_HELP = (
+    "module:attribute of the application's Gates and RateLimits (the memory tree's "
+    "llm gate is always known)."
+)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
@@ -725,16 +747,7 @@ def status(
     """Counts by status and kind, the oldest waiting job, running leases, fleet-wide
     limits and their holders, schedules."""
     url = _safe_url(obj.database_url)
-    from memtree.tree import GATES
-
-    limits: list[Gate | RateLimit] = list(GATES)
-    if limits_target is not None:
-        found = _import_attribute(limits_target, "--limits")
-        extra = list(found) if isinstance(found, list | tuple) else [found]
-        bad = [x for x in extra if not isinstance(x, Gate | RateLimit)]
-        if bad:
-            raise click.ClickException(f"--limits: not a Gate or RateLimit: {bad[0]!r}")
-        limits += [x for x in extra if x.name not in {y.name for y in limits}]
+    limits = _load_limits(limits_target)
     with _open_queue(obj) as queue:
         if as_json:
             _echo_json(_status_report(queue, url, limits))
@@ -750,6 +763,29 @@ def status(
                     live.update(_render_status(_status_report(queue, url, limits)))
             except KeyboardInterrupt:
                 pass
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--limits", "limits_target", default=None, help=_LIMITS_HELP)
+@click.pass_obj
+@_one_line_errors
+def explain(obj: Context, job_id: str, as_json: bool, limits_target: str | None) -> None:
+    """Why job JOB_ID is where it is: what it waits for, or how it ended."""
+    limits = _load_limits(limits_target)
+    with _open_queue(obj) as queue:
+        found = explanation.explain(queue, job_id, limits)
+    if found is None:
+        raise click.ClickException(f"no job with id {job_id!r}")
+    if as_json:
+        _echo_json(found.as_dict())
+        return
+    console = Console(highlight=False)
+    console.print(Text(f"{found.job_id}: {found.status}", style="bold"))
+    console.print(Text(found.summary))
+    for line in found.details:
+        console.print(Text(f"  - {line}"))
 
 
 @main.command()

@@ -45,6 +45,7 @@ from memtree.models import (
     RATE_EVENTS_TABLE,
     SCHEDULES_TABLE,
     TABLE_NAME,
+    WORKERS_TABLE,
     Base,
 )
 
@@ -80,7 +81,7 @@ HOST_VERSION_TABLE = "alembic_version"
 _PG_MIGRATION_LOCK = 0x6D656D74  # "memt"
 _MYSQL_MIGRATION_LOCK = "memtree_migration"
 #: memtree's tables besides the jobs: they are memtree's own, the original never had them.
-_OWN_TABLES = (PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)
+_OWN_TABLES = (PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE, WORKERS_TABLE)
 #: The tables memtree's schema consists of: its jobs, its own tables and its version table.
 _MEMTREE_TABLES = frozenset({TABLE_NAME, *_OWN_TABLES, VERSION_TABLE})
 #: A column only memtree's revisions add (memtree_0003): the original never had it.
@@ -133,6 +134,7 @@ _REVISION_ADDS: dict[str, frozenset[str]] = {
             *(f"table {name}" for name in (PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)),
         }
     ),
+    "memtree_0007": frozenset({f"table {WORKERS_TABLE}"}),
 }
 
 

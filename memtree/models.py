@@ -29,6 +29,7 @@ __all__ = [
     "RATE_EVENTS_TABLE",
     "SCHEDULES_TABLE",
     "TABLE_NAME",
+    "WORKERS_TABLE",
     "Base",
     "Body",
     "Key",
@@ -36,10 +37,12 @@ __all__ = [
     "MemTreePermit",
     "MemTreeRateEvent",
     "MemTreeSchedule",
+    "MemTreeWorker",
     "jobs",
     "permits",
     "rate_events",
     "schedules",
+    "workers",
 ]
 
 TABLE_NAME = "mem_tree_jobs"
@@ -49,6 +52,8 @@ PERMITS_TABLE = "mem_tree_permits"
 RATE_EVENTS_TABLE = "mem_tree_rate_events"
 #: memtree's own: the last slot each periodic schedule enqueued.
 SCHEDULES_TABLE = "mem_tree_schedules"
+#: memtree's own (memtree_0007): the worker processes running now, and what they handle.
+WORKERS_TABLE = "mem_tree_workers"
 
 #: Stable names for anything the table does not name itself, on every database.
 NAMING_CONVENTION = {
@@ -235,8 +240,31 @@ class MemTreeSchedule(Base):
     __table_args__ = (MYSQL_TABLE_ARGS,)
 
 
+class MemTreeWorker(Base):
+    """A worker process that runs now, or ran until ``seen_at_ms`` (on the database's
+    clock): the kinds it has handlers for and how many jobs it runs at once. A worker
+    writes its row when it starts, touches it every :data:`memtree.store.WORKER_BEAT_MS`,
+    and deletes it when it stops; a row of a killed worker stays until it is old. The
+    leases of a worker's claims start with its ``id`` and a dot, so a running job names
+    the worker that runs it. The original crate neither writes nor reads this table."""
+
+    __tablename__ = WORKERS_TABLE
+
+    id: Mapped[str] = mapped_column(Key(64), primary_key=True)
+    name: Mapped[str] = mapped_column(Key(), nullable=False)
+    # A JSON list of kind names, sorted.
+    kinds: Mapped[str] = mapped_column(Body, nullable=False)
+    concurrency: Mapped[int] = mapped_column(Integer, nullable=False)
+    version: Mapped[str] = mapped_column(Key(64), nullable=False)
+    started_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+    seen_at_ms: Mapped[int] = mapped_column(Millis, nullable=False)
+
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+
 #: The Core table the store and settle statements are built on.
 jobs = cast(Table, MemTreeJob.__table__)
 permits = cast(Table, MemTreePermit.__table__)
 rate_events = cast(Table, MemTreeRateEvent.__table__)
 schedules = cast(Table, MemTreeSchedule.__table__)
+workers = cast(Table, MemTreeWorker.__table__)

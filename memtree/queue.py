@@ -388,12 +388,15 @@ class Queue:
         lock_duration_ms: int | None = None,
         *,
         notify: Iterable[str] = (),
+        claimant: str | None = None,
     ) -> Exchange:
         """:meth:`complete_and_claim` with claim groups that may go through a fleet-wide
         :class:`~memtree.limits.Limit` (a global gate, a rate limit): their locks are taken
         once, gates waited for and rate limits only tried (an application's transaction
         may hold one), and each limited group claims only what its permits allow. Kinds in
         ``notify`` are announced to listening workers at commit (a permit of theirs freed).
+        ``claimant``, a worker's id, starts the claims' lease tokens, so a running job names
+        the worker that runs it (:func:`memtree.explain`).
         """
         lease = self.lock_duration_ms if lock_duration_ms is None else _lease(lock_duration_ms)
         freed = set(notify)
@@ -408,7 +411,7 @@ class Queue:
             try:
                 with self.transaction() as conn:
                     store.relax_claim_commit(conn)
-                    claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+                    claimed, blocked, now = self._claim_groups(conn, groups, limit, lease, claimant)
                     self._announce(conn, freed, groups, blocked)
             except DatabaseError as exc:
                 # The settle committed: report it, and claim again next round.
@@ -419,7 +422,7 @@ class Queue:
                 if not done:
                     store.relax_claim_commit(conn)
                 outcome = self._settle_batch(conn, done)
-                claimed, blocked, now = self._claim_groups(conn, groups, limit, lease)
+                claimed, blocked, now = self._claim_groups(conn, groups, limit, lease, claimant)
                 self._announce(conn, freed, groups, blocked)
         if any(followups for job, followups in done if job.id in outcome.settled):
             wakeup.signal(self.engine)
@@ -460,7 +463,12 @@ class Queue:
         return outcome
 
     def _claim_groups(
-        self, conn: Connection, groups: Sequence[ClaimGroup], limit: int, lease: int
+        self,
+        conn: Connection,
+        groups: Sequence[ClaimGroup],
+        limit: int,
+        lease: int,
+        claimant: str | None,
     ) -> tuple[list[list[Job]], dict[int, int], int]:
         """Claim each group in order, at most ``limit`` in all: the jobs per group, when
         to look again at each group a limit held back, and the time the limits used."""
@@ -499,6 +507,7 @@ class Queue:
                     claim_order=self.claim_order,
                     retired_kinds=self.retired_kinds,
                     kinds=group.kinds,
+                    claimant=claimant,
                 )
             elif refused.intersection(group.limit.names):
                 blocked[index] = limits_now + _LIMIT_BUSY_RETRY_MS
@@ -512,6 +521,7 @@ class Queue:
                     claim_order=self.claim_order,
                     retired_kinds=self.retired_kinds,
                     kinds=group.kinds,
+                    claimant=claimant,
                 )
                 if until is not None:
                     blocked[index] = until
@@ -650,6 +660,27 @@ class Queue:
             requeued = settle.requeue_job(conn, job_id, now_ms=self.now_ms())
         self._made_ready(int(requeued))
         return requeued
+
+    # -- workers ---------------------------------------------------------------------
+
+    @retried_on_deadlock
+    def beat_worker(self, worker: store.WorkerRow) -> None:
+        """Record that ``worker`` runs now (a worker does, every
+        :data:`~memtree.store.WORKER_BEAT_MS`)."""
+        with self.transaction() as conn:
+            store.beat_worker(conn, worker, now_ms=self.now_ms())
+
+    @retried_on_deadlock
+    def forget_worker(self, worker_id: str) -> None:
+        """Delete a stopping worker's row."""
+        with self.transaction() as conn:
+            store.forget_worker(conn, worker_id)
+
+    @retried_on_deadlock
+    def list_workers(self) -> list[store.WorkerRow]:
+        """Every worker process's row, alive or gone, the most recently seen first."""
+        with self.transaction() as conn:
+            return store.list_workers(conn)
 
     @retried_on_deadlock
     def count_retired(self) -> int:

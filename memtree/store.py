@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -62,7 +63,7 @@ from memtree import dberrors
 from memtree.dialects import Dialect, dialect_for
 from memtree.errors import CorruptJobError, InvalidJobError, MemtreeError
 from memtree.limits import Gate, Limit, RateLimit, lock_key
-from memtree.models import MemTreeJob, jobs, permits, rate_events, schedules
+from memtree.models import MemTreeJob, jobs, permits, rate_events, schedules, workers
 from memtree.types import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_MS,
@@ -76,15 +77,23 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = [
+    "WORKER_BEAT_MS",
+    "WORKER_FORGET_MS",
+    "WORKER_GONE_MS",
     "Executor",
     "ScheduleRow",
+    "WorkerRow",
+    "active_with_key",
     "advance_schedule",
+    "beat_worker",
     "cancel_requested",
     "claim",
     "claim_limited",
+    "claimant_of",
     "consume",
     "count_by_kind_and_status",
     "count_by_status",
+    "count_due_ahead",
     "count_failed_unrecoverable",
     "count_retired",
     "count_total",
@@ -94,14 +103,18 @@ __all__ = [
     "enqueue",
     "enqueue_async",
     "enqueue_many",
+    "forget_worker",
     "gate_holders",
     "get_job",
     "get_row",
     "job_from_row",
+    "job_from_values",
+    "lease_token",
     "list_jobs",
     "list_rows",
     "list_running",
     "list_schedules",
+    "list_workers",
     "lock_limits",
     "new_job_id",
     "next_due_ms",
@@ -488,10 +501,12 @@ def claim(
     claim_order: tuple[str, ...],
     retired_kinds: tuple[str, ...] = (),
     kinds: tuple[str, ...] | None = None,
+    claimant: str | None = None,
 ) -> list[Job]:
     """Lease up to ``limit`` due jobs, in claim order then due time.
 
     ``kinds`` restricts the claim to those kinds; ``retired_kinds`` are never claimed.
+    ``claimant``, a worker's id, starts the lease token (see :func:`lease_token`).
     """
     if kinds is not None:
         kinds = tuple(sorted({k for k in kinds if k not in retired_kinds}))
@@ -500,7 +515,7 @@ def claim(
     if limit < 1:
         return []
     dialect = dialect_of(executor)
-    token = uuid.uuid4().hex
+    token = lease_token(claimant)
     params = {
         "now": now_ms,
         "until": saturating(now_ms + lock_duration_ms),
@@ -513,6 +528,21 @@ def claim(
     else:
         rows = _claim_by_pick(executor, claim_order, retired_kinds, kinds, params)
     return _claimed(executor, rows, token=token, now_ms=now_ms, claim_order=claim_order)
+
+
+def lease_token(claimant: str | None = None) -> str:
+    """A fresh lease token: random, after ``claimant`` and a dot when a worker claims, so
+    a running job names the worker whose claim holds it (:func:`claimant_of`)."""
+    token = uuid.uuid4().hex
+    return token if claimant is None else f"{claimant}.{token}"
+
+
+def claimant_of(token: str | None) -> str | None:
+    """The worker id a lease token starts with; None for a token without one (a claim of
+    the original crate's, of an application's own, or of memtree before workers had ids)."""
+    if not isinstance(token, str) or "." not in token:
+        return None
+    return token.partition(".")[0] or None
 
 
 def _claimed(
@@ -1105,6 +1135,32 @@ def notify(executor: Executor, kinds: Sequence[str]) -> None:
             executor.execute(statement, {"kind": kind})
 
 
+def count_due_ahead(executor: Executor, kind: str, available_at_ms: int) -> int:
+    """Ready jobs of ``kind`` due before ``available_at_ms``: claimed before a job due
+    then (through the claim index)."""
+    statement = (
+        select(func.count())
+        .select_from(jobs)
+        .where(jobs.c.status == READY)
+        .where(jobs.c.kind == kind)
+        .where(jobs.c.available_at_ms >= _MIN_MS)
+        .where(jobs.c.available_at_ms < available_at_ms)
+    )
+    return int(executor.execute(statement).scalar_one())
+
+
+def active_with_key(executor: Executor, dedupe_key: str) -> str | None:
+    """The id of the ready or running job holding ``dedupe_key``, if one does."""
+    statement = (
+        select(jobs.c.id)
+        .where(jobs.c.dedupe_key == dedupe_key)
+        .where(jobs.c.status.in_([READY, RUNNING]))
+        .limit(1)
+    )
+    found = executor.execute(statement).scalar()
+    return None if found is None else str(found)
+
+
 def list_running(executor: Executor, kinds: Sequence[str], now_ms: int) -> list[Job]:
     """The running jobs of ``kinds`` under a live lease, the oldest claim first."""
     statement = (
@@ -1225,6 +1281,7 @@ def _claim_through_permits(
     claim_order: tuple[str, ...],
     retired_kinds: tuple[str, ...],
     kinds: tuple[str, ...],
+    claimant: str | None,
 ) -> list[Job]:
     """Claim up to ``want`` jobs of ``kinds``, each holding a free permit of ``gate``. The
     gate's permit rows are made by the first claim of each process, and again when a claim
@@ -1236,7 +1293,7 @@ def _claim_through_permits(
     statement = _permit_claim_statement(
         dialect_of(executor).name, claim_order, retired_kinds, kinds
     )
-    token = uuid.uuid4().hex
+    token = lease_token(claimant)
     params = {
         "p_gate": gate.name,
         "p_limit": gate.limit,
@@ -1299,6 +1356,7 @@ def claim_limited(
     claim_order: tuple[str, ...],
     retired_kinds: tuple[str, ...] = (),
     kinds: tuple[str, ...],
+    claimant: str | None = None,
 ) -> tuple[list[Job], int | None]:
     """Claim up to ``want`` jobs of ``kinds`` within ``limit``, whose locks the caller
     holds (:func:`lock_limits`): the jobs, and, when the limit left some due job
@@ -1330,6 +1388,7 @@ def claim_limited(
                 claim_order=claim_order,
                 retired_kinds=retired_kinds,
                 kinds=kinds,
+                claimant=claimant,
             )
             if len(claimed) < room:
                 # The permits (or the due jobs) ran out. A freed permit and a new job are
@@ -1345,6 +1404,7 @@ def claim_limited(
                 claim_order=claim_order,
                 retired_kinds=retired_kinds,
                 kinds=kinds,
+                claimant=claimant,
             )
             held_back = len(claimed) == room < want
         if rate is not None:
@@ -1361,6 +1421,7 @@ def claim_limited(
         lock_duration_ms=lock_duration_ms,
         claim_order=claim_order,
         kinds=kinds,
+        claimant=claimant,
     )
 
 
@@ -1376,6 +1437,7 @@ def _claim_partitioned(
     lock_duration_ms: int,
     claim_order: tuple[str, ...],
     kinds: tuple[str, ...],
+    claimant: str | None,
 ) -> tuple[list[Job], int | None]:
     gate, rate = limit.gate, limit.rate
     gate_room = {k: gate.limit - n for k, n in held.items()} if gate else {}
@@ -1419,7 +1481,7 @@ def _claim_partitioned(
     )
     if not chosen:
         return [], blocked if held_back else None
-    token = uuid.uuid4().hex
+    token = lease_token(claimant)
     rows = _claim_ids(
         executor,
         [job_id for job_id, _, _ in chosen],
@@ -1516,3 +1578,92 @@ def list_schedules(executor: Executor) -> list[ScheduleRow]:
     return [
         (str(name), int(last), int(updated)) for name, last, updated in executor.execute(statement)
     ]
+
+
+# -- workers ------------------------------------------------------------------------------
+
+#: How often a running worker touches its row of ``mem_tree_workers``.
+WORKER_BEAT_MS = 10_000
+#: A worker not seen for this long is taken for gone (stopped without a word, killed, or
+#: cut off from the database): three beats missed.
+WORKER_GONE_MS = 3 * WORKER_BEAT_MS
+#: A gone worker's row is kept this long (so ``memtree explain`` can name it), then deleted.
+WORKER_FORGET_MS = 24 * 60 * 60 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One row of ``mem_tree_workers``: a worker process and what it handles."""
+
+    id: str
+    name: str
+    kinds: tuple[str, ...]
+    concurrency: int
+    version: str
+    started_at_ms: int
+    seen_at_ms: int
+
+    def alive(self, now_ms: int) -> bool:
+        """Whether it was seen within :data:`WORKER_GONE_MS` of ``now_ms``."""
+        return now_ms - self.seen_at_ms <= WORKER_GONE_MS
+
+
+def beat_worker(executor: Executor, worker: WorkerRow, *, now_ms: int) -> None:
+    """Record that ``worker`` runs at ``now_ms``: touch its row, or write it if it is not
+    there (its first beat, or a row a peer forgot while this worker was cut off); and
+    forget the workers gone for :data:`WORKER_FORGET_MS`."""
+    touched = executor.execute(
+        update(workers).where(workers.c.id == worker.id).values(seen_at_ms=now_ms)
+    )
+    if rowcount(touched) == 0:
+        executor.execute(
+            insert(workers).values(
+                id=worker.id,
+                name=worker.name,
+                kinds=json.dumps(sorted(worker.kinds)),
+                concurrency=worker.concurrency,
+                version=worker.version,
+                started_at_ms=worker.started_at_ms,
+                seen_at_ms=now_ms,
+            )
+        )
+    executor.execute(delete(workers).where(workers.c.seen_at_ms < now_ms - WORKER_FORGET_MS))
+
+
+def forget_worker(executor: Executor, worker_id: str) -> None:
+    """Delete a stopping worker's row."""
+    executor.execute(delete(workers).where(workers.c.id == worker_id))
+
+
+def list_workers(executor: Executor) -> list[WorkerRow]:
+    """Every worker's row, the most recently seen first. A row whose kinds another program
+    wrote as anything but a JSON list of strings lists no kinds."""
+    statement = select(
+        workers.c.id,
+        workers.c.name,
+        workers.c.kinds,
+        workers.c.concurrency,
+        workers.c.version,
+        workers.c.started_at_ms,
+        workers.c.seen_at_ms,
+    ).order_by(workers.c.seen_at_ms.desc(), workers.c.id)
+    found = []
+    for worker_id, name, kinds, concurrency, version, started, seen in executor.execute(statement):
+        try:
+            parsed = json.loads(kinds)
+        except (TypeError, ValueError):
+            parsed = []
+        if not isinstance(parsed, list) or not all(isinstance(k, str) for k in parsed):
+            parsed = []
+        found.append(
+            WorkerRow(
+                str(worker_id),
+                str(name),
+                tuple(parsed),
+                int(concurrency),
+                str(version),
+                int(started),
+                int(seen),
+            )
+        )
+    return found

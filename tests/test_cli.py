@@ -26,13 +26,13 @@ def run(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
 def test_db_upgrade_current_check_and_downgrade(db_url: str) -> None:
     upgraded = run("db", "upgrade", url=db_url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "memtree_0006" in upgraded.stdout
+    assert "memtree_0007" in upgraded.stdout
     assert "(head)" in run("db", "current", url=db_url).stdout
     checked = run("db", "check", url=db_url)
     assert checked.returncode == 0 and "no drift" in checked.stdout
     down = run("db", "downgrade", "memtree_0002", url=db_url)
     assert down.returncode == 0, down.stderr
-    assert run("db", "current", url=db_url).stdout.startswith("memtree_0002 (head is memtree_0006)")
+    assert run("db", "current", url=db_url).stdout.startswith("memtree_0002 (head is memtree_0007)")
     queue = memtree.Queue(db_url)
     try:
         with pytest.raises(memtree.SchemaOutdatedError):
@@ -51,6 +51,7 @@ def test_db_sql_prints_ddl_without_connecting() -> None:
 def test_db_history_lists_every_revision() -> None:
     result = run("db", "history")
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "memtree_0007",
         "memtree_0006",
         "memtree_0005",
         "memtree_0004",

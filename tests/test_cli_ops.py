@@ -239,3 +239,16 @@ def test_status_watch_refreshes_until_interrupted(migrated: str, wall_queue: Que
             process.communicate()
     assert process.returncode == 0, stderr
     assert "watched" in stdout and "Traceback" not in stderr
+
+
+def test_explain_prints_why_a_job_waits(migrated: str, wall_queue: Queue) -> None:
+    job_id = ok("enqueue", "hello", "--delay", "1h", "--dedupe-key", "k", url=migrated).strip()
+    text = ok("explain", job_id, url=migrated)
+    assert "scheduled for later" in text and "dedupe key 'k'" in text
+    data = json.loads(ok("explain", job_id, "--json", url=migrated))
+    assert data["reason"] == "scheduled" and 3_500_000 < data["facts"]["due_in_ms"] <= 3_600_000
+    wall_queue.enqueue(NewJob("hello", {"x": "<b>[red]markup"}))
+    (due,) = [j for j in wall_queue.list_jobs() if j.available_at_ms <= wall_queue.now_ms()]
+    data = json.loads(ok("explain", due.id, "--json", url=migrated))
+    assert data["reason"] == "no_worker"
+    assert "no job with id 'job:nope'" in fails("explain", "job:nope", url=migrated)

@@ -58,7 +58,7 @@ REPO_ROOT = TESTS_DIR.parent
 HOST_APP = TESTS_DIR / "host_app"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-HEAD = "memtree_0006"
+HEAD = "memtree_0007"
 HISTORY = [
     "memtree_0001",
     "memtree_0002",
@@ -66,6 +66,7 @@ HISTORY = [
     "memtree_0004",
     "memtree_0005",
     "memtree_0006",
+    "memtree_0007",
 ]
 
 #: The columns of the original's first-shipped table (memtree_0001).
@@ -103,6 +104,8 @@ COLUMNS_AT: dict[str, set[str] | None] = {
 }
 # memtree_0006 adds tables of memtree's own and an index; mem_tree_jobs' columns stay.
 COLUMNS_AT["memtree_0006"] = COLUMNS_AT["memtree_0005"]
+# memtree_0007 adds the table of worker processes.
+COLUMNS_AT["memtree_0007"] = COLUMNS_AT["memtree_0005"]
 ORIGINAL_INDEXES = {
     "idx_mem_tree_jobs_ready",
     "idx_mem_tree_jobs_kind",
@@ -252,6 +255,7 @@ def test_version_location_holds_memtrees_revision_files() -> None:
         "memtree_0004_cancel_requests.py",
         "memtree_0005_heal_count.py",
         "memtree_0006_fleet_tables.py",
+        "memtree_0007_workers.py",
     }
 
 

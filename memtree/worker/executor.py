@@ -230,6 +230,7 @@ class ThreadExecutor:
             lock_duration_ms=self.producer.lock_duration_ms,
             claim_order=self.queue.claim_order,
             kinds=kinds,
+            claimant=self.producer.worker.id,
         )
         if not claimed:
             return None

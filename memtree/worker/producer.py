@@ -24,7 +24,7 @@ from sqlalchemy import exc as sa_exc
 from memtree import maintenance, tracing, wakeup
 from memtree.errors import DatabaseError, DatabaseFileChangedError, MemtreeError
 from memtree.limits import Gate, Limit, RateLimit
-from memtree.queue import ClaimGroup
+from memtree.queue import ClaimGroup, Queue
 from memtree.redact import scrub
 from memtree.types import Job
 from memtree.worker.completer import Completer, Finished, retrying
@@ -117,6 +117,8 @@ class Producer:
         # A busy worker claims once this many slots are free (see _claim_plan).
         self._claim_batch = max(1, self.concurrency // 4)
         self._next_heartbeat = 0.0
+        self.registered = False
+        self._started_ms: int | None = None
         self._next_cancel_check = 0.0
         self.listener: wakeup.Listener | None = None
 
@@ -323,6 +325,7 @@ class Producer:
                 limit,
                 self.lock_duration_ms,
                 notify=freed,
+                claimant=self.worker.id,
             ),
             "claim",
         )
@@ -578,7 +581,18 @@ class Producer:
             )
         self.close()
 
+    def beat(self, queue: Queue) -> None:
+        """The worker's row in ``mem_tree_workers``: written at the first beat, touched at
+        every one after (an upkeep task)."""
+        if self._started_ms is None:
+            self._started_ms = queue.now_ms()
+        queue.beat_worker(self.worker.registration(self._started_ms))
+        self.registered = True
+
     def close(self) -> None:
+        if self.registered:
+            self.registered = False
+            self.guarded(lambda: self.queue.forget_worker(self.worker.id), "unregister")
         wakeup.unsubscribe(self.queue.engine, self.wake)
         if self.listener is not None:
             self.listener.stop()

@@ -20,13 +20,14 @@ import logging
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.orm import Session
 
-from memtree import maintenance
+from memtree import maintenance, store
 from memtree.config import positive_int, seconds
 from memtree.errors import ConfigurationError
 from memtree.maintenance import Upkeep
@@ -174,6 +175,7 @@ class Worker:
             else seconds("recover_interval_s", recover_interval_s),
             "self_heal": seconds("self_heal_interval_s", self_heal_interval_s),
             "prune": seconds("prune_interval_s", prune_interval_s),
+            "register": store.WORKER_BEAT_MS / 1000,
         }
         self.upkeep: dict[str, Callable[[Queue], object]] = {}
         for task_name, interval_s, task in upkeep:
@@ -184,7 +186,8 @@ class Worker:
         self.schedule_tick_s = seconds("schedule_tick_s", schedule_tick_s)
         self.schedules = self._check_schedules(schedules)
         periodic: list[tuple[str, float, Callable[[Queue], object]]] = [
-            (name, self.intervals[name], task) for name, task in self.upkeep.items()
+            ("register", self.intervals["register"], lambda queue: self.producer.beat(queue)),
+            *((name, self.intervals[name], task) for name, task in self.upkeep.items()),
         ]
         for schedule in self.schedules:
             tick_s = self.schedule_tick_s
@@ -206,6 +209,9 @@ class Worker:
         )
         self.metrics = metrics
         self.name = name or f"{os.uname().nodename}:{os.getpid()}"
+        #: This run's id: the row it keeps in ``mem_tree_workers``, and the start of its
+        #: claims' lease tokens.
+        self.id = uuid.uuid4().hex[:16]
         self.session_factory = session_opener(queue, session_factory)
         self._async_session_factory = async_session_factory
 
@@ -357,6 +363,21 @@ class Worker:
         """Stop claiming; :meth:`run` returns once running handlers finish or the grace ends."""
         self._stopping.set()
         self.producer.wake.set()
+
+    def registration(self, started_at_ms: int) -> store.WorkerRow:
+        """The row this worker keeps in ``mem_tree_workers``, for a run that started at
+        ``started_at_ms`` (its first beat, on the database's clock)."""
+        from memtree import __version__
+
+        return store.WorkerRow(
+            self.id,
+            self.name,
+            tuple(sorted(self.handlers)),
+            self.concurrency,
+            __version__,
+            started_at_ms,
+            started_at_ms,
+        )
 
     @property
     def running_jobs(self) -> list[Job]:
