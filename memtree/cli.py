@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +26,7 @@ from rich.text import Text
 from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
-from memtree import dberrors, explanation, maintenance, migration, store
+from memtree import dberrors, explanation, maintenance, migration, overview, store
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.limits import Gate, RateLimit
@@ -475,155 +474,8 @@ def _open_queue(obj: Context) -> Iterator[Queue]:
         engine.dispose()
 
 
-def _iso(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    try:
-        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
-    except (OverflowError, OSError, ValueError):
-        return str(ms)
-
-
-def _shown_ms(value: Any) -> str:
-    """A time column's value: an ISO time for an integer, the repr of anything else."""
-    if value is None:
-        return "-"
-    return _iso(value) if type(value) is int else repr(value)
-
-
-def _ago(ms: int) -> str:
-    seconds = abs(ms) / 1000
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.1f}s"
-
-
-def _plain(value: Any) -> Any:
-    """A column's value as JSON can hold it: a value of a type memtree never writes (a BLOB,
-    a fraction, an infinity another program left) by its repr."""
-    if value is None or type(value) in (str, int):
-        return value
-    if type(value) is float and math.isfinite(value):
-        return value
-    return repr(value)
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value)
-
-
-def _row_dict(values: tuple[Any, ...]) -> dict[str, Any]:
-    """Every column of a row, readable or not, its parsed payload, and what could not be read:
-    ``payload_error`` when the payload does not parse, ``unreadable`` when no job can be
-    built from the row."""
-    data = {name: _plain(value) for name, value in zip(store.JOB_COLUMNS, values, strict=True)}
-    try:
-        data["payload"] = decode_payload(values[store.JOB_COLUMNS.index("payload_json")])
-    except ValueError as exc:
-        data["payload"] = None
-        data["payload_error"] = str(exc)
-    problem = store.unreadable_reason(values)
-    if problem is not None:
-        data["unreadable"] = problem
-    return data
-
-
-def _list_rows(
-    queue: Queue, *, status: JobStatus | None = None, kind: str | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
-    with queue.transaction() as conn:
-        rows = store.list_rows(conn, status=status, kind=kind, limit=limit)
-    return [_row_dict(values) for values in rows]
-
-
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
-
-
-def _limits_report(queue: Queue, limits: Sequence[Gate | RateLimit]) -> list[dict[str, Any]]:
-    """Each fleet-wide limit's use now: per key, what is used and left, and the running
-    jobs holding a global gate's permits."""
-    report = []
-    for limit in limits:
-        if isinstance(limit, Gate) and not limit.is_global:
-            continue
-        state = queue.limit_state(limit)
-        is_gate = isinstance(limit, Gate)
-        report.append(
-            {
-                "name": limit.name,
-                "type": "gate" if is_gate else "rate limit",
-                "limit": limit.limit,
-                "window_s": None if isinstance(limit, Gate) else limit.window_s,
-                "key": limit.key,
-                "kinds": list(limit.kinds),
-                "used": state.used,
-                "remaining": {key: limit.limit - used for key, used in state.used.items()}
-                if state.used
-                else {"": limit.limit},
-                "holders": [
-                    {
-                        "id": job.id,
-                        "kind": job.kind,
-                        "lease_expires_in_ms": (job.locked_until_ms or 0) - state.now_ms,
-                    }
-                    for job in state.holders
-                ],
-            }
-        )
-    return report
-
-
-def _status_report(
-    queue: Queue, url: str, limits: Sequence[Gate | RateLimit] = ()
-) -> dict[str, Any]:
-    now = queue.now_ms()
-    by_kind: dict[str, dict[str, int]] = {}
-    totals = {status.value: 0 for status in JobStatus}
-    for (kind, status), count in queue.count_by_kind_and_status().items():
-        by_kind.setdefault(kind, {})[status] = count
-        totals[status] = totals.get(status, 0) + count
-    due = queue.next_due_ms()
-    running = []
-    for row in _list_rows(queue, status=JobStatus.RUNNING, limit=50):
-        until = row["locked_until_ms"]
-        running.append(
-            {
-                "id": _text(row["id"]),
-                "kind": _text(row["kind"]),
-                "attempts": row["attempts"],
-                "locked_until_ms": until,
-                "lease_expires_in_ms": until - now if type(until) is int else None,
-                "cancel_requested": row["cancel_requested_at_ms"] is not None,
-            }
-        )
-    with queue.transaction() as conn:
-        unreadable = store.count_unreadable(conn)
-        schedules = [
-            {
-                "name": name,
-                "last_slot": _iso(last_slot_ms),
-                "last_slot_ms": last_slot_ms,
-                "updated_at": _iso(updated_at_ms),
-                "updated_at_ms": updated_at_ms,
-            }
-            for name, last_slot_ms, updated_at_ms in store.list_schedules(conn)
-        ]
-    return {
-        "database": url,
-        "now_ms": now,
-        "counts": totals,
-        "by_kind": by_kind,
-        "oldest_due_age_ms": None if due is None or due > now else now - due,
-        "next_due_in_ms": None if due is None or due <= now else due - now,
-        "running": running,
-        "failed_unrecoverable": queue.count_failed_unrecoverable(),
-        "retired": queue.count_retired(),
-        "unreadable": unreadable,
-        "schedules": schedules,
-        "limits": _limits_report(queue, limits),
-    }
 
 
 def _render_status(report: dict[str, Any]) -> Group:
@@ -637,9 +489,9 @@ def _render_status(report: dict[str, Any]) -> Group:
     summary.add_row("[b]total", *(f"[b]{report['counts'].get(s, 0)}" for s in statuses))
     lines = []
     if report["oldest_due_age_ms"] is not None:
-        lines.append(f"oldest due ready job waiting: {_ago(report['oldest_due_age_ms'])}")
+        lines.append(f"oldest due ready job waiting: {overview.ago(report['oldest_due_age_ms'])}")
     elif report["next_due_in_ms"] is not None:
-        lines.append(f"nothing due; next job due in {_ago(report['next_due_in_ms'])}")
+        lines.append(f"nothing due; next job due in {overview.ago(report['next_due_in_ms'])}")
     else:
         lines.append("no ready jobs")
     lines.append(f"failed, unrecoverable: {report['failed_unrecoverable']}")
@@ -660,7 +512,11 @@ def _render_status(report: dict[str, Any]) -> Group:
             lease = (
                 "-"
                 if left is None
-                else (f"expires in {_ago(left)}" if left >= 0 else f"[red]expired {_ago(left)} ago")
+                else (
+                    f"expires in {overview.ago(left)}"
+                    if left >= 0
+                    else f"[red]expired {overview.ago(left)} ago"
+                )
             )
             if job["cancel_requested"]:
                 lease += " (cancel requested)"
@@ -690,7 +546,8 @@ def _render_status(report: dict[str, Any]) -> Group:
             )
             holders = (
                 ", ".join(
-                    f"{h['id']} ({_ago(h['lease_expires_in_ms'])} left)" for h in row["holders"][:5]
+                    f"{h['id']} ({overview.ago(h['lease_expires_in_ms'])} left)"
+                    for h in row["holders"][:5]
                 )
                 or "-"
             )
@@ -750,17 +607,19 @@ def status(
     limits = _load_limits(limits_target)
     with _open_queue(obj) as queue:
         if as_json:
-            _echo_json(_status_report(queue, url, limits))
+            _echo_json(overview.status_report(queue, url, limits))
             return
         console = Console()
         if not watch:
-            console.print(_render_status(_status_report(queue, url, limits)))
+            console.print(_render_status(overview.status_report(queue, url, limits)))
             return
-        with Live(_render_status(_status_report(queue, url, limits)), console=console) as live:
+        with Live(
+            _render_status(overview.status_report(queue, url, limits)), console=console
+        ) as live:
             try:
                 while True:
                     time.sleep(interval)
-                    live.update(_render_status(_status_report(queue, url, limits)))
+                    live.update(_render_status(overview.status_report(queue, url, limits)))
             except KeyboardInterrupt:
                 pass
 
@@ -852,7 +711,7 @@ def jobs_list(
 ) -> None:
     """The newest jobs, filtered by status and kind."""
     with _open_queue(obj) as queue:
-        found = _list_rows(
+        found = overview.list_rows(
             queue, status=None if status_ is None else JobStatus(status_), kind=kind, limit=limit
         )
     if as_json:
@@ -863,16 +722,16 @@ def jobs_list(
         table.add_column(column, overflow="fold")
     for row in found:
         problem = row.get("unreadable")
-        error = f"unreadable: {problem}" if problem else _text(row["last_error"] or "")
+        error = f"unreadable: {problem}" if problem else overview.text(row["last_error"] or "")
         table.add_row(
             *(
                 Text(text)
                 for text in (
-                    _text(row["id"]),
-                    _text(row["kind"]),
-                    _text(row["status"]),
+                    overview.text(row["id"]),
+                    overview.text(row["kind"]),
+                    overview.text(row["status"]),
                     f"{row['attempts']}/{row['max_attempts']}",
-                    _shown_ms(row["available_at_ms"]),
+                    overview.shown_ms(row["available_at_ms"]),
                     scrub(error, max_bytes=80),
                 )
             )
@@ -891,7 +750,7 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
         values = store.get_row(conn, job_id)
     if values is None:
         raise click.ClickException(f"no job with id {job_id!r}")
-    data = _row_dict(values)
+    data = overview.row_dict(values)
     if as_json:
         _echo_json(data)
         return
@@ -901,7 +760,7 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     for name, value in zip(store.JOB_COLUMNS, values, strict=True):
         if name in ("payload_json", "last_error"):
             continue
-        shown = _shown_ms(value) if name.endswith("_ms") else _text(value)
+        shown = overview.shown_ms(value) if name.endswith("_ms") else overview.text(value)
         table.add_row(name, Text("-" if value is None else shown))
     console = Console()
     console.print(table)
@@ -910,12 +769,12 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     console.print("[bold]payload")
     if "payload_error" in data:
         console.print(Text(f"(not parsed: {data['payload_error']})", style="yellow"))
-        console.print(_text(values[store.JOB_COLUMNS.index("payload_json")]), markup=False)
+        console.print(overview.text(values[store.JOB_COLUMNS.index("payload_json")]), markup=False)
     else:
         console.print_json(data=data["payload"])
     if data["last_error"]:
         console.print("[bold]last error")
-        console.print(_text(data["last_error"]), markup=False, highlight=False)
+        console.print(overview.text(data["last_error"]), markup=False, highlight=False)
 
 
 @jobs.command("retry")
@@ -995,7 +854,7 @@ def jobs_prune(obj: Context, older_than: int, status_: str, batch: int) -> None:
                     task, description=f"pruned {pruned} {status_} jobs"
                 ),
             )
-    click.echo(f"pruned {total} {status_} jobs completed before {_iso(cutoff)}")
+    click.echo(f"pruned {total} {status_} jobs completed before {overview.iso(cutoff)}")
 
 
 @jobs.command("purge-retired")
