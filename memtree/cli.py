@@ -553,6 +553,20 @@ def _render_status(report: dict[str, Any]) -> Group:
             )
             limits.add_row(Text(row["name"]), what, Text(used), Text(left), Text(holders))
         parts.append(limits)
+    if report["workers"]:
+        workers = Table(title="workers", show_edge=False)
+        for column in ("worker", "id", "handles", "slots", "last seen"):
+            workers.add_column(column)
+        for row in report["workers"]:
+            seen = f"{overview.ago(row['seen_ago_ms'])} ago"
+            workers.add_row(
+                Text(row["name"]),
+                Text(row["id"]),
+                Text(", ".join(row["kinds"])),
+                str(row["concurrency"]),
+                seen if row["alive"] else f"[red]{seen} (gone)",
+            )
+        parts.append(workers)
     if report["schedules"]:
         schedules = Table(title="schedules", show_edge=False)
         for column in ("schedule", "last slot", "updated at"):
@@ -645,6 +659,48 @@ def explain(obj: Context, job_id: str, as_json: bool, limits_target: str | None)
     console.print(Text(found.summary))
     for line in found.details:
         console.print(Text(f"  - {line}"))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8484, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--token",
+    envvar="MEMTREE_DASHBOARD_TOKEN",
+    default=None,
+    help="Allow retry and cancel to an operator who signs in with this token "
+    "(or $MEMTREE_DASHBOARD_TOKEN). Without it the page is read-only.",
+)
+@click.option("--limits", "limits_target", default=None, help=_LIMITS_HELP)
+@click.option("--refresh", default=3.0, show_default=True, help="Seconds between refreshes.")
+@click.pass_obj
+@_one_line_errors
+def dashboard(
+    obj: Context, host: str, port: int, token: str | None, limits_target: str | None, refresh: float
+) -> None:
+    """Serve the dashboard: counts, throughput, running jobs, limits, workers, failures,
+    each job's page and explanation."""
+    try:
+        import uvicorn
+
+        from memtree.dashboard import create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the dashboard needs the dashboard extra: pip install 'memtree[dashboard]' ({exc})"
+        ) from None
+    if token is not None and len(token) < 8:
+        raise click.BadParameter("use a token of at least 8 characters", param_hint="--token")
+    if refresh <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--refresh")
+    limits = _load_limits(limits_target)
+    with _open_queue(obj) as queue:
+        queue.count_total()  # the schema is checked before the page is served
+        app = create_app(queue, limits=limits, token=token, refresh_s=refresh)
+        mode = "retry and cancel after signing in with the token" if token else "read-only"
+        click.echo(f"memtree dashboard on http://{host}:{port}/ ({mode}); Ctrl-C stops it")
+        if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+            click.echo("warning: serving beyond loopback; the page shows job payloads", err=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @main.command()

@@ -17,10 +17,12 @@ from typing import Any
 from memtree import store
 from memtree.limits import Gate, RateLimit
 from memtree.queue import Queue
+from memtree.redact import scrub
 from memtree.types import JobStatus, decode_payload
 
 __all__ = [
     "ago",
+    "failed_report",
     "iso",
     "limits_report",
     "list_rows",
@@ -29,6 +31,8 @@ __all__ = [
     "shown_ms",
     "status_report",
     "text",
+    "throughput_report",
+    "workers_report",
 ]
 
 
@@ -176,4 +180,58 @@ def status_report(
         "unreadable": unreadable,
         "schedules": schedules,
         "limits": limits_report(queue, limits),
+        "workers": workers_report(queue, now),
     }
+
+
+def workers_report(queue: Queue, now_ms: int) -> list[dict[str, Any]]:
+    """Every worker process's row: what it handles, when it was last seen, whether alive."""
+    return [
+        {
+            "id": worker.id,
+            "name": worker.name,
+            "kinds": list(worker.kinds),
+            "concurrency": worker.concurrency,
+            "version": worker.version,
+            "started_at_ms": worker.started_at_ms,
+            "seen_at_ms": worker.seen_at_ms,
+            "seen_ago_ms": now_ms - worker.seen_at_ms,
+            "alive": worker.alive(now_ms),
+        }
+        for worker in queue.list_workers()
+    ]
+
+
+def failed_report(queue: Queue, limit: int = 20) -> list[dict[str, Any]]:
+    """The most recently failed jobs, their last error scrubbed of secrets."""
+    with queue.transaction() as conn:
+        failed = store.list_failed(conn, limit)
+    return [
+        {
+            "id": job.id,
+            "kind": job.kind,
+            "attempts": job.attempts,
+            "max_attempts": job.max_attempts,
+            "failure_class": job.failure_class,
+            "failure_reason": job.failure_reason,
+            "completed_at_ms": job.completed_at_ms,
+            "last_error": None if job.last_error is None else scrub(job.last_error, max_bytes=500),
+        }
+        for job in failed
+    ]
+
+
+def throughput_report(
+    queue: Queue, *, window_ms: int = 60 * 60 * 1000, bucket_ms: int = 60 * 1000
+) -> dict[str, Any]:
+    """Jobs done and failed in the last ``window_ms``, per ``bucket_ms`` (oldest first)."""
+    now = queue.now_ms()
+    count = max(1, -(-window_ms // bucket_ms))
+    since = now - count * bucket_ms
+    with queue.transaction() as conn:
+        rows = store.completions(conn, since_ms=since, bucket_ms=bucket_ms)
+    buckets = [{"at_ms": since + i * bucket_ms, "done": 0, "failed": 0} for i in range(count)]
+    for index, status, n in rows:
+        if 0 <= index < count:
+            buckets[index][status] = n
+    return {"now_ms": now, "since_ms": since, "bucket_ms": bucket_ms, "buckets": buckets}

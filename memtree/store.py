@@ -90,6 +90,7 @@ __all__ = [
     "claim",
     "claim_limited",
     "claimant_of",
+    "completions",
     "consume",
     "count_by_kind_and_status",
     "count_by_status",
@@ -110,6 +111,7 @@ __all__ = [
     "job_from_row",
     "job_from_values",
     "lease_token",
+    "list_failed",
     "list_jobs",
     "list_rows",
     "list_running",
@@ -139,6 +141,7 @@ Executor: TypeAlias = Connection | Session
 READY: ColumnClause[str] = literal_column("'ready'")
 RUNNING: ColumnClause[str] = literal_column("'running'")
 FAILED: ColumnClause[str] = literal_column("'failed'")
+DONE: ColumnClause[str] = literal_column("'done'")
 # Every due time memtree writes is in this range; on SQLite text and BLOB values sort above
 # any number and infinities lie outside it, so the range (which the ready and claim
 # indexes serve) leaves them out.
@@ -1159,6 +1162,39 @@ def active_with_key(executor: Executor, dedupe_key: str) -> str | None:
     )
     found = executor.execute(statement).scalar()
     return None if found is None else str(found)
+
+
+def completions(executor: Executor, *, since_ms: int, bucket_ms: int) -> list[tuple[int, str, int]]:
+    """Jobs done and failed since ``since_ms``, counted per ``bucket_ms`` by completion
+    time: ``(bucket, status, count)``, bucket 0 starting at ``since_ms``. Finished rows
+    have no index by completion time: this reads the done and failed rows (the
+    dashboard's chart asks seldom, and pruning bounds them)."""
+    bucket = ((jobs.c.completed_at_ms - since_ms) // bucket_ms).label("bucket")
+    statement = (
+        select(bucket, jobs.c.status, func.count())
+        .where(jobs.c.status.in_([DONE, FAILED]))
+        .where(jobs.c.completed_at_ms >= since_ms)
+        .where(jobs.c.completed_at_ms <= _MAX_MS)
+        .group_by(bucket, jobs.c.status)
+    )
+    return [(int(b), str(status), int(n)) for b, status, n in executor.execute(statement)]
+
+
+def list_failed(executor: Executor, limit: int) -> list[Job]:
+    """The most recently failed jobs, newest first."""
+    statement = (
+        select(jobs)
+        .where(jobs.c.status == FAILED)
+        .order_by(jobs.c.completed_at_ms.desc(), jobs.c.id)
+        .limit(limit)
+    )
+    found = []
+    for row in executor.execute(statement):
+        try:
+            found.append(job_from_row(row))
+        except CorruptJobError:
+            continue  # counted by count_unreadable, shown by `memtree jobs list`
+    return found
 
 
 def list_running(executor: Executor, kinds: Sequence[str], now_ms: int) -> list[Job]:
