@@ -227,7 +227,8 @@ def throughput_report(
     """Jobs done and failed in the last ``window_ms``, per ``bucket_ms`` (oldest first)."""
     now = queue.now_ms()
     count = max(1, -(-window_ms // bucket_ms))
-    since = now - count * bucket_ms
+    # Buckets on whole multiples of bucket_ms, the last one holding now.
+    since = (now // bucket_ms - count + 1) * bucket_ms
     with queue.transaction() as conn:
         rows = store.completions(conn, since_ms=since, bucket_ms=bucket_ms)
     buckets = [{"at_ms": since + i * bucket_ms, "done": 0, "failed": 0} for i in range(count)]
