@@ -19,6 +19,10 @@ Run it with::
     curl -X POST localhost:8000/signups -H 'content-type: application/json' \\
          -d '{"email": "ada@example.com"}'
 
+The queue's dashboard is mounted at ``/ops/queue/`` (read-only; with
+``EXAMPLE_DASHBOARD_TOKEN`` set, retry and cancel after signing in with it). Put it
+behind your own login in a real application.
+
 ``MEMTREE_DATABASE_URL`` picks the database (a SQLite file ``fastapi-example.db`` by
 default; ``postgresql://...`` works the same).
 """
@@ -39,6 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import memtree
 from memtree import NewJob, Queue, RateLimit, Worker
+from memtree.dashboard import create_app
 from memtree.worker import AsyncJobContext, Handlers
 
 DATABASE_URL = os.environ.get("MEMTREE_DATABASE_URL", "sqlite:///fastapi-example.db")
@@ -85,9 +90,12 @@ async def send_welcome(ctx: AsyncJobContext) -> None:
     signup.welcomed = True
 
 
+# memtree's own statements get a sync engine to the same database (no connection yet).
+queue = Queue(async_engine)
+
+
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    queue = Queue(async_engine)  # memtree's own statements get a sync engine to the same db
     await asyncio.to_thread(queue.migrate)  # in production: `memtree db upgrade` in CI
     async with async_engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
@@ -98,6 +106,10 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+app.mount(
+    "/ops/queue",
+    create_app(queue, limits=[MAIL_RATE], token=os.environ.get("EXAMPLE_DASHBOARD_TOKEN")),
+)
 
 
 async def session() -> AsyncIterator[AsyncSession]:

@@ -69,6 +69,13 @@ def test_the_fastapi_example_runs_every_signups_job_once(
                         pending.discard(signup_id)
                 time.sleep(0.05)
             assert not pending, f"{len(pending)} signups were never welcomed"
+            # The dashboard, mounted in the application, sees the welcomes and the worker.
+            status = client.get("/ops/queue/api/status").json()
+            assert status["counts"]["done"] == 40, status["counts"]
+            assert [w["kinds"] for w in status["workers"]] == [["send_welcome"]]
+            assert "mail" in {limit["name"] for limit in status["limits"]}
+            page = client.get("/ops/queue/")
+            assert page.status_code == 200 and 'href="/ops/queue/static/dashboard.css"' in page.text
             # The worker's welcomes spent the mail budget as they started; once the window
             # has passed, a burst of requests that send mail themselves gets exactly the
             # budget, the rest 429.
