@@ -807,6 +807,10 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     if values is None:
         raise click.ClickException(f"no job with id {job_id!r}")
     data = overview.row_dict(values)
+    with _open_queue(obj) as queue:
+        found = explanation.explain(queue, job_id, _load_limits(None))
+    if found is not None:
+        data["explanation"] = found.as_dict()
     if as_json:
         _echo_json(data)
         return
@@ -831,6 +835,11 @@ def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     if data["last_error"]:
         console.print("[bold]last error")
         console.print(overview.text(data["last_error"]), markup=False, highlight=False)
+    if found is not None:
+        console.print("[bold]why")
+        console.print(Text(found.summary))
+        for line in found.details:
+            console.print(Text(f"  - {line}"))
 
 
 @jobs.command("retry")

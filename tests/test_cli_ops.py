@@ -252,3 +252,7 @@ def test_explain_prints_why_a_job_waits(migrated: str, wall_queue: Queue) -> Non
     data = json.loads(ok("explain", due.id, "--json", url=migrated))
     assert data["reason"] == "no_worker"
     assert "no job with id 'job:nope'" in fails("explain", "job:nope", url=migrated)
+    shown = json.loads(ok("jobs", "show", job_id, "--json", url=migrated))
+    assert shown["explanation"]["reason"] == "scheduled"
+    assert "scheduled for later" in ok("jobs", "show", job_id, url=migrated)
+    assert json.loads(ok("status", "--json", url=migrated))["workers"] == []
