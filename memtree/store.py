@@ -89,6 +89,7 @@ __all__ = [
     "cancel_requested",
     "claim",
     "claim_limited",
+    "claim_pick",
     "claimant_of",
     "completions",
     "consume",
@@ -124,6 +125,7 @@ __all__ = [
     "prune",
     "purge_retired_jobs",
     "rate_used",
+    "ready_backlog",
     "record_starts",
     "relax_claim_commit",
     "rowcount",
@@ -392,6 +394,24 @@ def _locking_branches(
         )
         for kind_filter, priority in _branch_filters(claim_order, retired_kinds, kinds)
     )
+
+
+def claim_pick(
+    dialect_name: str,
+    kind: str,
+    claim_order: tuple[str, ...] = (),
+    retired_kinds: tuple[str, ...] = (),
+) -> Select[Any]:
+    """The read a claim of ``kind`` begins with, as :func:`claim` runs it on this database:
+    the due ready rows it picks, in due order, locked where claims lock (binds ``:now``
+    and ``:limit``). For EXPLAIN only (:mod:`memtree.doctor`): the pick is where a claim
+    walks the claim index or sorts the backlog, and the UPDATE that follows it finds its
+    rows by primary key. Never run it: on PostgreSQL and MySQL it locks what it reads."""
+    dialect = dialect_for(dialect_name)
+    if dialect.returns_rows:
+        return _picked(dialect, claim_order, retired_kinds, (kind,), None)
+    [(_, pick)] = _locking_branches(claim_order, retired_kinds, (kind,))
+    return pick
 
 
 def _claim_by_pick(
@@ -892,6 +912,21 @@ def count_unreadable(executor: Executor) -> int:
     """Rows no :class:`Job` can be built from: an unknown status, or (SQLite) a value of a
     type memtree never writes. Payloads are not parsed here."""
     return int(executor.execute(_unreadable_statement(dialect_of(executor).name)).scalar_one())
+
+
+def ready_backlog(executor: Executor, limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` kinds with the most ready jobs (due or not) and how many each has, the
+    deepest backlog first: where a claim that sorted its kind's ready rows would sort the
+    most. It reads ready rows only, which the claim index holds."""
+    count = func.count().label("ready")
+    statement = (
+        select(jobs.c.kind, count)
+        .where(jobs.c.status == READY)
+        .group_by(jobs.c.kind)
+        .order_by(count.desc(), jobs.c.kind)
+        .limit(limit)
+    )
+    return [(_text(kind), int(n)) for kind, n in executor.execute(statement)]
 
 
 def count_retired(executor: Executor, retired_kinds: tuple[str, ...]) -> int:
