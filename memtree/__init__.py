@@ -4,6 +4,7 @@ Enqueue in the same transaction as your domain writes, claim under leases fenced
 their claim, settle exactly once. SQLite by default, PostgreSQL to scale.
 """
 
+from memtree.doctor import Finding, Severity, diagnose
 from memtree.engine import async_url, configure_engine, create_engine, sync_url
 from memtree.errors import (
     ConfigurationError,
@@ -65,6 +66,7 @@ __all__ = [
     "ExplainReason",
     "Explanation",
     "FailureClass",
+    "Finding",
     "Gate",
     "Handlers",
     "InvalidJobError",
@@ -83,6 +85,7 @@ __all__ = [
     "SchemaNewerError",
     "SchemaOutdatedError",
     "SettledBatch",
+    "Severity",
     "UnsupportedDatabaseError",
     "Worker",
     "async_url",
@@ -91,6 +94,7 @@ __all__ = [
     "consume",
     "consume_async",
     "create_engine",
+    "diagnose",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
