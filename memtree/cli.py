@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +27,7 @@ from sqlalchemy import Engine, make_url
 from sqlalchemy import exc as sa_exc
 
 from memtree import dberrors, explanation, maintenance, migration, overview, store
+from memtree.doctor import Finding, Severity, diagnose, worst
 from memtree.engine import DEFAULT_DATABASE_URL, create_engine, normalize_url, sqlite_file
 from memtree.errors import ConfigurationError, DatabaseError, MemtreeError
 from memtree.limits import Gate, RateLimit
@@ -636,6 +637,61 @@ def status(
                     live.update(_render_status(overview.status_report(queue, url, limits)))
             except KeyboardInterrupt:
                 pass
+
+
+_SEVERITY_STYLE = {Severity.OK: "green", Severity.WARNING: "yellow", Severity.CRITICAL: "bold red"}
+
+
+def _render_findings(findings: Sequence[Finding], url: str) -> Group:
+    table = Table(title=f"memtree doctor: {url}", show_edge=False, show_lines=True)
+    for column in ("severity", "check", "summary", "advice"):
+        table.add_column(column, overflow="fold")
+    for finding in findings:
+        summary = Text(finding.summary)
+        if finding.severity is not Severity.OK:
+            # The detail behind the summary: the sessions, relations or plans it is about.
+            detail = [line for line in finding.detail.splitlines() if line != finding.summary]
+            if detail:
+                summary.append("\n" + "\n".join(detail), style="dim")
+        table.add_row(
+            Text(finding.severity.value, style=_SEVERITY_STYLE[finding.severity]),
+            Text(finding.check.value),
+            summary,
+            Text(finding.advice),
+        )
+    counts = {s: sum(f.severity is s for f in findings) for s in Severity}
+    tally = ", ".join(f"{n} {s.value}" for s, n in counts.items() if n)
+    return Group(table, Text(f"{len(findings)} checks: {tally}"))
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for monitoring.")
+@click.pass_obj
+@_one_line_errors
+def doctor_command(obj: Context, as_json: bool) -> None:
+    """Check the database the queue lives in and say what to do about each finding.
+
+    Every check is reported, passing ones too (severity ok). Exits 1 when any finding is
+    critical and 0 otherwise, warnings included, so a monitor can run it; a database it
+    cannot reach is one line on stderr and exit 1 as well.
+    """
+    url = _safe_url(obj.database_url)
+    with _open_queue(obj) as queue:
+        findings = diagnose(queue)
+        dialect = queue.engine.dialect.name
+    if as_json:
+        _echo_json(
+            {
+                "database": url,
+                "dialect": dialect,
+                "worst": worst(findings).value,
+                "findings": [finding.as_dict() for finding in findings],
+            }
+        )
+    else:
+        Console().print(_render_findings(findings, url))
+    if worst(findings) is Severity.CRITICAL:
+        click.get_current_context().exit(1)
 
 
 @main.command()

@@ -7,17 +7,21 @@ MariaDB's whole-second transaction clock needs.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sqlalchemy
+from click.testing import CliRunner
 from sqlalchemy import Connection, Engine, text
 
 import memtree
 from memtree import NewJob, Queue, doctor
+from memtree.cli import main
 from memtree.doctor import CLAIM_INDEX, Check, Finding, Severity, Thresholds, diagnose
 from memtree.errors import ConfigurationError
 
@@ -484,3 +488,50 @@ def test_the_isolation_level_of_the_queues_engine_is_reported(db_url: str, queue
         finally:
             engine.dispose()
         assert finding.severity is severity and finding.metrics == {"level": level}
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+def test_the_command_prints_every_check_and_exits_0_unless_one_is_critical(
+    db_url: str, queue: Queue
+) -> None:
+    backlog(queue, 5)
+    runner = CliRunner()
+    table = runner.invoke(main, ["--database-url", db_url, "doctor"], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    for check in EXPECTED_CHECKS[queue.engine.dialect.name]:
+        assert check.value in table.output
+    assert f"{len(EXPECTED_CHECKS[queue.engine.dialect.name])} checks:" in table.output
+    report = json.loads(runner.invoke(main, ["--database-url", db_url, "doctor", "--json"]).output)
+    assert report["dialect"] == queue.engine.dialect.name
+    assert report["worst"] in ("ok", "warning")
+    assert [f["check"] for f in report["findings"]] == EXPECTED_CHECKS[report["dialect"]]
+    assert set(report["findings"][0]) == {
+        "check",
+        "severity",
+        "summary",
+        "detail",
+        "advice",
+        "metrics",
+    }
+    drop_index(queue, CLAIM_INDEX)
+    critical = runner.invoke(main, ["--database-url", db_url, "doctor", "--json"])
+    assert critical.exit_code == 1
+    report = json.loads(critical.output)
+    assert report["worst"] == "critical"
+    [missing] = [f for f in report["findings"] if f["check"] == "missing_indexes"]
+    assert missing["severity"] == "critical" and CLAIM_INDEX in missing["summary"]
+    text_run = runner.invoke(main, ["--database-url", db_url, "doctor"], terminal_width=200)
+    assert text_run.exit_code == 1 and "critical" in text_run.output
+
+
+def test_the_command_on_a_missing_sqlite_file_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["--database-url", f"sqlite:///{tmp_path / 'none.db'}", "doctor"]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: the SQLite file {tmp_path / 'none.db'} does not exist "
+        "(create it with `memtree db upgrade`)"
+    ]
