@@ -741,8 +741,9 @@ def _pg_autovacuum(exam: _Exam) -> Finding:
     problems: list[str] = []
     detail: list[str] = []
     metrics: dict[str, Metric] = {}
-    if _off(settings.get("autovacuum")) or _off(settings.get("track_counts")):
-        problems.append("autovacuum is off on the server (autovacuum or track_counts)")
+    for name in ("autovacuum", "track_counts"):  # autovacuum needs both
+        if _off(settings.get(name)):
+            problems.append(f"the server runs with {name} = off")
     for row in rows:
         options = _options(row.reloptions)
         # The table's own settings win over the server's, as they do for autovacuum.
@@ -779,7 +780,7 @@ def _pg_autovacuum(exam: _Exam) -> Finding:
     return _finding(
         Check.AUTOVACUUM,
         Severity.WARNING,
-        problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+        problems[0] + (f" (and {len(problems) - 1} more below)" if len(problems) > 1 else ""),
         "A queue table changes every row it holds, over and over: let autovacuum run on it "
         f"(ALTER TABLE {TABLE_NAME} RESET (autovacuum_enabled)), and start it sooner than "
         f"the default 20% of the table (ALTER TABLE {TABLE_NAME} SET "

@@ -123,7 +123,7 @@ def test_a_healthy_queue_reports_each_of_its_databases_checks_once(
     # then a finding of the server's.
     assert set(not_ok) <= {Check.AUTOVACUUM}, not_ok
     if not_ok:
-        assert not_ok[Check.AUTOVACUUM].summary.startswith("autovacuum is off on the server")
+        assert not_ok[Check.AUTOVACUUM].summary.startswith("the server runs with autovacuum = off")
     assert all(f.advice == "" for f in findings if f.severity is Severity.OK)
 
 
