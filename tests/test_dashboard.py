@@ -195,3 +195,22 @@ def test_bad_options_are_refused_when_built(queue: memtree.Queue) -> None:
         create_app(queue, token="short")
     with pytest.raises(ValueError, match="refresh_s"):
         create_app(queue, refresh_s=0)
+
+
+def test_the_health_page_shows_the_doctors_findings(queue: memtree.Queue) -> None:
+    client = TestClient(create_app(queue))
+    page = client.get("/health")
+    assert page.status_code == 200
+    assert "schema_revision" in page.text and "at memtree_0007" in page.text
+    with queue.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "DROP INDEX ix_mem_tree_jobs_claim"
+            + (" ON mem_tree_jobs" if queue.engine.dialect.name in ("mysql", "mariadb") else "")
+        )
+    page = client.get("/health")
+    assert re.search(
+        r'class="critical">\s*<td><span class="status critical">critical</span></td>'
+        r"<td>missing_indexes",
+        page.text,
+    ), page.text
+    assert 'id="worst">critical<' in page.text

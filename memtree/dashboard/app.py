@@ -4,7 +4,8 @@
 overview (counts by kind and status, throughput and failures over the last hour, the
 oldest due job, running jobs and their leases, fleet-wide limits and their holders,
 workers, recent failures), one job's page (its row, payload, last error, the times it
-went through, and :func:`memtree.explain`), and retry and cancel buttons. Sections refresh
+went through, and :func:`memtree.explain`), retry and cancel buttons, and the database's
+health (:func:`memtree.diagnose`, ``memtree doctor``'s findings) on demand. Sections refresh
 in place with htmx; nothing needs a build step.
 
 Its defences, because job payloads and errors are hostile input and the buttons change
@@ -46,7 +47,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from memtree import explanation, overview, store
+from memtree import doctor, explanation, overview, store
 from memtree.limits import Gate, RateLimit
 from memtree.queue import Queue
 from memtree.redact import scrub
@@ -168,6 +169,7 @@ class _Dashboard:
                 Route("/jobs/{job_id:path}", self.job_page),
                 Route("/login", self.login, methods=["GET", "POST"]),
                 Route("/logout", self.logout, methods=["POST"]),
+                Route("/health", self.health),
                 Route("/api/status", self.api_status),
                 Route("/favicon.ico", lambda request: Response(status_code=204)),
                 Route("/api/jobs/{job_id:path}", self.api_job),
@@ -337,6 +339,13 @@ class _Dashboard:
         if job is None:
             return self._render(request, "missing.html", status_code=404, job_id=job_id)
         return self._render(request, "_job.html", job=job, job_id=job_id)
+
+    async def health(self, request: Request) -> Response:
+        findings = await run_in_threadpool(doctor.diagnose, self.queue)
+        order = sorted(findings, key=lambda f: -f.severity.rank)
+        return self._render(
+            request, "health.html", findings=order, worst=doctor.worst(findings).value
+        )
 
     async def api_status(self, request: Request) -> Response:
         return JSONResponse(await run_in_threadpool(self._overview))
