@@ -1047,7 +1047,13 @@ def _mysql_isolation_level(exam: _Exam) -> Finding:
 # -- SQLite ------------------------------------------------------------------------------
 
 
+#: The pragmas the doctor reads (a pragma takes no bound name, so only these are built).
+_READ_PRAGMAS = frozenset({"journal_mode", "page_count", "freelist_count", "page_size"})
+
+
 def _pragma(exam: _Exam, name: str) -> Any:
+    if name not in _READ_PRAGMAS:
+        raise ValueError(f"not a pragma the doctor reads: {name!r}")
     return exam.conn.exec_driver_sql(f"PRAGMA {name}").scalar()
 
 
