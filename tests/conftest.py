@@ -3,7 +3,8 @@ and MariaDB.
 
 PostgreSQL comes from ``MEMTREE_TEST_PG_URL`` (default: the loopback server, user
 root, trust auth). The suite creates its own database for the run and drops it at
-the end; every test starts from an empty ``public`` schema. Without a server the
+the end; every test starts from an empty ``public`` schema (or, when it takes a migrated
+queue, one as a migration leaves it: see "migrated databases, reused"). Without a server the
 PostgreSQL tests skip with the reason, except under ``CI=true``, where a missing
 server fails the run so that half of the suite can never silently vanish. MariaDB (or
 MySQL) comes from ``MEMTREE_TEST_MYSQL_URL`` (default: the loopback server, user root, no
@@ -13,6 +14,8 @@ password), the same way: a database of the run's own, emptied for every test.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,8 @@ from sqlalchemy import Engine, text
 import memtree
 import memtree.tree
 from memtree import Queue
+from memtree.migration import VERSION_TABLE
+from memtree.models import PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE, TABLE_NAME
 from memtree.testing import FakeClock
 from tests.flavors import EXECUTORS
 
@@ -131,28 +136,6 @@ def mysql_template(mysql_server_url: str) -> Iterator[str]:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
 
 
-def _migrate(queue: Queue, request: pytest.FixtureRequest) -> None:
-    """``queue.migrate()``; on MariaDB from a copy of the migrated template's tables (the
-    migrations themselves are tested on MariaDB by tests/test_migrations.py)."""
-    if queue.engine.dialect.name in ("mysql", "mariadb"):
-        template: str = request.getfixturevalue("mysql_template")
-        target = queue.engine.url.database
-        tables_of = text(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = :db"
-        )
-        with _MYSQL_ADMIN["admin"].connect() as conn:
-            if conn.execute(tables_of, {"db": target}).first() is not None:
-                queue.migrate()  # another fixture's queue made the tables already
-                return
-            for table in list(conn.execute(tables_of, {"db": template}).scalars()):
-                conn.execute(text(f"CREATE TABLE `{target}`.`{table}` LIKE `{template}`.`{table}`"))
-                conn.execute(
-                    text(f"INSERT INTO `{target}`.`{table}` SELECT * FROM `{template}`.`{table}`")
-                )
-            conn.commit()
-    queue.migrate()
-
-
 def _reset_pg(url: str) -> None:
     engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
     try:
@@ -161,6 +144,209 @@ def _reset_pg(url: str) -> None:
             conn.execute(text("CREATE SCHEMA public"))
     finally:
         engine.dispose()
+
+
+# -- migrated databases, reused ---------------------------------------------------------------
+#
+# Most tests take a migrated queue (the fixtures below). Migrating for each of them is most
+# of their setup: Alembic's whole history on PostgreSQL and SQLite, a copy of the template's
+# tables on MariaDB. So a test that takes one gets a database in the state a migration
+# leaves, with no rows, and the migration runs only when nothing cheaper gives that state:
+# on SQLite a copy of a file migrated once; on PostgreSQL and MariaDB the database the
+# previous test used, its memtree tables emptied and the tables of its own (an
+# application's) dropped, when its schema (every table, column, index, constraint,
+# trigger, function, ..., and the revision recorded) is then exactly the one the last
+# migration made. Anything else a test left (a dropped index, an added column, a trigger,
+# a downgrade) fails that comparison, and the database is made again and migrated.
+
+#: The fixtures that hand a test a migrated queue. A test that uses one gets its database
+#: migrated before any of its fixtures runs, so no fixture of such a test may expect
+#: memtree's tables to be absent (those use ``db_url`` or ``engine`` alone).
+MIGRATED_QUEUE_FIXTURES = frozenset({"queue", "tree_queue", "wall_queue", "tree_wall_queue"})
+
+#: memtree's tables that hold rows (its version table keeps the revision).
+DATA_TABLES = (TABLE_NAME, PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)
+
+#: The public schema's every object and its definition, one line each.
+PG_SCHEMA = text(
+    """
+    SELECT concat_ws(' ', 'relation', c.relname, c.relkind, c.relpersistence,
+                     c.relowner::regrole, c.relrowsecurity, c.relreplident, c.reloptions,
+                     c.relacl)
+      FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'column', c.relname, a.attname, a.attnum,
+                     format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity,
+                     a.attgenerated, a.attcollation::regcollation,
+                     pg_get_expr(d.adbin, d.adrelid))
+      FROM pg_attribute a
+      JOIN pg_class c ON c.oid = a.attrelid
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE c.relnamespace = 'public'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT concat_ws(' ', 'index', pg_get_indexdef(i.indexrelid))
+      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+     WHERE c.relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'constraint', conrelid::regclass, conname, pg_get_constraintdef(oid))
+      FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'trigger', pg_get_triggerdef(t.oid), t.tgenabled)
+      FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+     WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
+    UNION ALL
+    SELECT concat_ws(' ', 'rule', r.rulename, r.ev_class::regclass)
+      FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+     WHERE c.relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'policy', p.polname, p.polrelid::regclass)
+      FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+     WHERE c.relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'sequence', s.seqrelid::regclass, s.seqtypid::regtype, s.seqstart,
+                     s.seqincrement, s.seqmin, s.seqmax, s.seqcycle)
+      FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+     WHERE c.relnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'function', oid::regprocedure, md5(prosrc)) FROM pg_proc
+     WHERE pronamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'type', typname) FROM pg_type
+     WHERE typnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'statistics', stxname) FROM pg_statistic_ext
+     WHERE stxnamespace = 'public'::regnamespace
+    UNION ALL
+    SELECT concat_ws(' ', 'schema', nspowner::regrole, nspacl)
+      FROM pg_namespace WHERE nspname = 'public'
+    """
+)
+
+
+def _schema_of(url: str) -> tuple[str, ...]:
+    """Every object of the database's schema and its definition, and the revision
+    recorded in memtree's version table (if there is one)."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                lines = list(conn.execute(PG_SCHEMA).scalars())
+            else:
+                lines = _mysql_schema(conn)
+            if VERSION_TABLE in sqlalchemy.inspect(conn).get_table_names():
+                version = text(f"SELECT version_num FROM {VERSION_TABLE}")
+                lines += [f"revision {v}" for v in conn.execute(version).scalars()]
+    finally:
+        engine.dispose()
+    return tuple(sorted(lines))
+
+
+def _mysql_schema(conn: sqlalchemy.Connection) -> list[str]:
+    schema = [
+        "SELECT CONCAT_WS(' ', 'database', default_character_set_name, default_collation_name)"
+        " FROM information_schema.schemata WHERE schema_name = DATABASE()",
+        "SELECT CONCAT_WS(' ', 'trigger', trigger_name, event_object_table, action_timing,"
+        " event_manipulation, action_statement)"
+        " FROM information_schema.triggers WHERE trigger_schema = DATABASE()",
+        "SELECT CONCAT_WS(' ', 'routine', routine_type, routine_name, routine_definition)"
+        " FROM information_schema.routines WHERE routine_schema = DATABASE()",
+        "SELECT CONCAT_WS(' ', 'event', event_name) FROM information_schema.events"
+        " WHERE event_schema = DATABASE()",
+    ]
+    lines = [line for query in schema for line in conn.execute(text(query)).scalars()]
+    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+    for table in list(conn.execute(text(tables)).scalars()):
+        definition = conn.execute(text(f"SHOW CREATE TABLE `{table}`")).one()[1]
+        # The next AUTO_INCREMENT value is the rows', not the schema's (emptying resets it).
+        lines.append(re.sub(r" AUTO_INCREMENT=\d+", "", definition))
+    return lines
+
+
+#: The schema each database had after its last migration (see _schema_of).
+_MIGRATED_SCHEMA: dict[str, tuple[str, ...]] = {}
+
+
+def _empty_tables(url: str) -> None:
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))
+            else:
+                for table in DATA_TABLES:  # also sets AUTO_INCREMENT back to 1
+                    conn.execute(text(f"TRUNCATE TABLE `{table}`"))
+    finally:
+        engine.dispose()
+
+
+def _drop_tables_of_tests(url: str) -> bool:
+    """Drop every table that is not memtree's (an application's table a test made, with
+    whatever depends on it); False if the database refuses."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            others = [
+                name
+                for name in sqlalchemy.inspect(conn).get_table_names()
+                if name not in (*DATA_TABLES, VERSION_TABLE)
+            ]
+            if others and engine.dialect.name == "postgresql":
+                conn.execute(text(f"DROP TABLE {', '.join(others)} CASCADE"))
+            elif others:  # MariaDB refuses to drop a table another table's key refers to
+                conn.execute(text(f"DROP TABLE {', '.join(f'`{t}`' for t in others)}"))
+    except sqlalchemy.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
+    return True
+
+
+def _migrated_server_database(url: str, request: pytest.FixtureRequest) -> None:
+    """Leave the database at ``url`` as memtree's migration makes it, with no rows."""
+    migrated = _MIGRATED_SCHEMA.pop(url, None)
+    if migrated is not None and _drop_tables_of_tests(url) and _schema_of(url) == migrated:
+        _empty_tables(url)
+    elif sqlalchemy.make_url(url).get_backend_name() == "postgresql":
+        _reset_pg(url)
+        engine = memtree.create_engine(url)
+        try:
+            Queue(engine).migrate()
+        finally:
+            engine.dispose()
+        migrated = _schema_of(url)
+    else:
+        _reset_mysql(url)
+        _copy_mysql_template(url, request.getfixturevalue("mysql_template"))
+        migrated = _schema_of(url)
+    _MIGRATED_SCHEMA[url] = migrated
+
+
+def _copy_mysql_template(url: str, template: str) -> None:
+    """The migrated template's tables and rows, copied into the (empty) database at
+    ``url`` (the migrations themselves are tested on MariaDB by tests/test_migrations.py)."""
+    target = sqlalchemy.make_url(url).database
+    tables_of = text("SELECT table_name FROM information_schema.tables WHERE table_schema = :db")
+    with _MYSQL_ADMIN["admin"].connect() as conn:
+        for table in list(conn.execute(tables_of, {"db": template}).scalars()):
+            conn.execute(text(f"CREATE TABLE `{target}`.`{table}` LIKE `{template}`.`{table}`"))
+            conn.execute(
+                text(f"INSERT INTO `{target}`.`{table}` SELECT * FROM `{template}`.`{table}`")
+            )
+        conn.commit()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once, which a migrated test database copies."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "memtree.db"
+    engine = memtree.create_engine(f"sqlite:///{path}")
+    try:
+        Queue(engine).migrate()
+    finally:
+        engine.dispose()
+    leftovers = [p.name for p in path.parent.iterdir() if p != path]
+    assert not leftovers, f"the template is more than one file: {leftovers}"
+    return path
 
 
 @pytest.fixture(
@@ -172,18 +358,27 @@ def _reset_pg(url: str) -> None:
 )
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of an empty database: a SQLite file, a clean PostgreSQL schema, or a new
-    MariaDB database."""
+    MariaDB database; for a test that takes a migrated queue (MIGRATED_QUEUE_FIXTURES), of
+    a database migrated to head with no rows."""
+    migrated = not MIGRATED_QUEUE_FIXTURES.isdisjoint(request.fixturenames)
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'memtree.db'}"
+        path = tmp_path / "memtree.db"
+        if migrated:
+            shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
     if request.param == "mariadb":
         marker = request.node.get_closest_marker("not_on_mysql")
         if marker is not None:
             pytest.skip(f"not on MySQL/MariaDB: {marker.args[0]}")
-        mysql_url: str = request.getfixturevalue("mysql_server_url")
-        _reset_mysql(mysql_url)
-        return mysql_url
-    url: str = request.getfixturevalue("pg_server_url")
-    _reset_pg(url)
+        url: str = request.getfixturevalue("mysql_server_url")
+    else:
+        url = request.getfixturevalue("pg_server_url")
+    if migrated:
+        _migrated_server_database(url, request)
+    elif request.param == "mariadb":
+        _reset_mysql(url)
+    else:
+        _reset_pg(url)
     return url
 
 
@@ -202,34 +397,34 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def queue(engine: Engine, clock: FakeClock, request: pytest.FixtureRequest) -> Queue:
+def queue(engine: Engine, clock: FakeClock) -> Queue:
     """A migrated queue on a fake clock."""
     q = Queue(engine, clock=clock)
-    _migrate(q, request)
+    q.migrate()
     return q
 
 
 @pytest.fixture
-def tree_queue(engine: Engine, clock: FakeClock, request: pytest.FixtureRequest) -> Queue:
+def tree_queue(engine: Engine, clock: FakeClock) -> Queue:
     """A migrated memory-tree queue (its claim order and retired kinds) on a fake clock."""
     q = memtree.tree.queue(engine, clock=clock)
-    _migrate(q, request)
+    q.migrate()
     return q
 
 
 @pytest.fixture
-def tree_wall_queue(engine: Engine, request: pytest.FixtureRequest) -> Queue:
+def tree_wall_queue(engine: Engine) -> Queue:
     """A migrated memory-tree queue on the wall clock."""
     q = memtree.tree.queue(engine)
-    _migrate(q, request)
+    q.migrate()
     return q
 
 
 @pytest.fixture
-def wall_queue(engine: Engine, request: pytest.FixtureRequest) -> Queue:
+def wall_queue(engine: Engine) -> Queue:
     """A migrated queue on the wall clock, for the original's tests that use real time."""
     q = Queue(engine)
-    _migrate(q, request)
+    q.migrate()
     return q
 
 
