@@ -18,6 +18,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -94,21 +95,29 @@ def mysql_server_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
+        for engine in _MYSQL_ADMIN.values():
+            engine.dispose()
         _MYSQL_ADMIN.clear()
 
 
 _MYSQL_ADMIN: dict[str, Engine] = {}
 
 
-def _reset_mysql(url: str) -> None:
-    """An empty database of that name: dropped with whatever a test left, made again."""
-    name = sqlalchemy.make_url(url).database
+def _mysql_admin() -> Engine:
+    """The suite's engine on the server's ``mysql`` database (which no test kills the
+    connections of), pooled: a new connection to MariaDB takes 20 ms."""
     admin = _MYSQL_ADMIN.get("admin")
     if admin is None:
         admin = _MYSQL_ADMIN["admin"] = sqlalchemy.create_engine(
-            MYSQL_ADMIN_URL, poolclass=sqlalchemy.pool.NullPool
+            MYSQL_ADMIN_URL, pool_size=1, pool_pre_ping=True
         )
-    with admin.connect() as conn:
+    return admin
+
+
+def _reset_mysql(url: str) -> None:
+    """An empty database of that name: dropped with whatever a test left, made again."""
+    name = sqlalchemy.make_url(url).database
+    with _mysql_admin().connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         # The server's default character set and collation (case-insensitive): memtree's
         # tables must bring their own.
@@ -132,7 +141,7 @@ def mysql_template(mysql_server_url: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        with _MYSQL_ADMIN["admin"].connect() as conn:
+        with _mysql_admin().connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
 
 
@@ -226,37 +235,70 @@ PG_SCHEMA = text(
 def _schema_of(url: str) -> tuple[str, ...]:
     """Every object of the database's schema and its definition, and the revision
     recorded in memtree's version table (if there is one)."""
+    with _connect(url) as (conn, database):
+        return _schema(conn, database)
+
+
+@contextmanager
+def _connect(url: str) -> Iterator[tuple[sqlalchemy.Connection, str]]:
+    """A connection that reaches the database at ``url``, and the database's name: on
+    PostgreSQL a connection of its own (closed after), on MariaDB the suite's admin
+    connection."""
+    database = sqlalchemy.make_url(url).database or ""
+    if sqlalchemy.make_url(url).get_backend_name() != "postgresql":
+        with _mysql_admin().connect() as conn:
+            yield conn, database
+        return
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                lines = list(conn.execute(PG_SCHEMA).scalars())
-            else:
-                lines = _mysql_schema(conn)
-            if VERSION_TABLE in sqlalchemy.inspect(conn).get_table_names():
-                version = text(f"SELECT version_num FROM {VERSION_TABLE}")
-                lines += [f"revision {v}" for v in conn.execute(version).scalars()]
+            yield conn, database
     finally:
         engine.dispose()
+
+
+def _tables(conn: sqlalchemy.Connection, database: str) -> list[str]:
+    if conn.dialect.name == "postgresql":
+        return sqlalchemy.inspect(conn).get_table_names()
+    tables = text(
+        "SELECT table_name FROM information_schema.tables"
+        " WHERE table_schema = :db AND table_type = 'BASE TABLE'"
+    )
+    return list(conn.execute(tables, {"db": database}).scalars())
+
+
+def _schema(conn: sqlalchemy.Connection, database: str) -> tuple[str, ...]:
+    if conn.dialect.name == "postgresql":
+        lines = list(conn.execute(PG_SCHEMA).scalars())
+        version = f"SELECT version_num FROM {VERSION_TABLE}"
+    else:
+        lines = _mysql_schema(conn, database)
+        version = f"SELECT version_num FROM `{database}`.{VERSION_TABLE}"
+    if VERSION_TABLE in _tables(conn, database):
+        lines += [f"revision {v}" for v in conn.execute(text(version)).scalars()]
     return tuple(sorted(lines))
 
 
-def _mysql_schema(conn: sqlalchemy.Connection) -> list[str]:
+def _mysql_schema(conn: sqlalchemy.Connection, database: str) -> list[str]:
     schema = [
         "SELECT CONCAT_WS(' ', 'database', default_character_set_name, default_collation_name)"
-        " FROM information_schema.schemata WHERE schema_name = DATABASE()",
+        " FROM information_schema.schemata WHERE schema_name = :db",
         "SELECT CONCAT_WS(' ', 'trigger', trigger_name, event_object_table, action_timing,"
         " event_manipulation, action_statement)"
-        " FROM information_schema.triggers WHERE trigger_schema = DATABASE()",
+        " FROM information_schema.triggers WHERE trigger_schema = :db",
         "SELECT CONCAT_WS(' ', 'routine', routine_type, routine_name, routine_definition)"
-        " FROM information_schema.routines WHERE routine_schema = DATABASE()",
+        " FROM information_schema.routines WHERE routine_schema = :db",
         "SELECT CONCAT_WS(' ', 'event', event_name) FROM information_schema.events"
-        " WHERE event_schema = DATABASE()",
+        " WHERE event_schema = :db",
     ]
-    lines = [line for query in schema for line in conn.execute(text(query)).scalars()]
-    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
-    for table in list(conn.execute(text(tables)).scalars()):
-        definition = conn.execute(text(f"SHOW CREATE TABLE `{table}`")).one()[1]
+    lines = [
+        str(line)
+        for query in schema
+        for line in conn.execute(text(query), {"db": database}).scalars()
+    ]
+    relations = "SELECT table_name FROM information_schema.tables WHERE table_schema = :db"
+    for table in list(conn.execute(text(relations), {"db": database}).scalars()):
+        definition = conn.execute(text(f"SHOW CREATE TABLE `{database}`.`{table}`")).one()[1]
         # The next AUTO_INCREMENT value is the rows', not the schema's (emptying resets it).
         lines.append(re.sub(r" AUTO_INCREMENT=\d+", "", definition))
     return lines
@@ -266,59 +308,52 @@ def _mysql_schema(conn: sqlalchemy.Connection) -> list[str]:
 _MIGRATED_SCHEMA: dict[str, tuple[str, ...]] = {}
 
 
-def _empty_tables(url: str) -> None:
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))
-            else:
-                for table in DATA_TABLES:  # also sets AUTO_INCREMENT back to 1
-                    conn.execute(text(f"TRUNCATE TABLE `{table}`"))
-    finally:
-        engine.dispose()
-
-
-def _drop_tables_of_tests(url: str) -> bool:
+def _emptied_if_as_migrated(url: str, migrated: tuple[str, ...]) -> bool:
     """Drop every table that is not memtree's (an application's table a test made, with
-    whatever depends on it); False if the database refuses."""
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            others = [
-                name
-                for name in sqlalchemy.inspect(conn).get_table_names()
-                if name not in (*DATA_TABLES, VERSION_TABLE)
-            ]
-            if others and engine.dialect.name == "postgresql":
-                conn.execute(text(f"DROP TABLE {', '.join(others)} CASCADE"))
-            elif others:  # MariaDB refuses to drop a table another table's key refers to
-                conn.execute(text(f"DROP TABLE {', '.join(f'`{t}`' for t in others)}"))
-    except sqlalchemy.exc.DBAPIError:
-        return False
-    finally:
-        engine.dispose()
+    whatever depends on it); then, if the schema is exactly ``migrated``, empty memtree's
+    tables and return True; False (and nothing emptied) otherwise."""
+    with _connect(url) as (conn, database):
+        postgresql = conn.dialect.name == "postgresql"
+        others = [t for t in _tables(conn, database) if t not in (*DATA_TABLES, VERSION_TABLE)]
+        if others and postgresql:
+            conn.execute(text(f"DROP TABLE {', '.join(others)} CASCADE"))
+            conn.commit()
+        elif others:
+            # Without the checks, a key of memtree's table that refers to a dropped table
+            # is left behind, where the comparison below sees it.
+            conn.execute(text("SET SESSION foreign_key_checks = 0"))
+            try:
+                conn.execute(text(f"DROP TABLE {', '.join(f'`{database}`.`{t}`' for t in others)}"))
+            finally:
+                conn.execute(text("SET SESSION foreign_key_checks = 1"))
+        if _schema(conn, database) != migrated:
+            return False
+        if postgresql:
+            conn.execute(text(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY"))
+        else:
+            for table in DATA_TABLES:  # also sets AUTO_INCREMENT back to 1
+                conn.execute(text(f"TRUNCATE TABLE `{database}`.`{table}`"))
+        conn.commit()
     return True
 
 
 def _migrated_server_database(url: str, request: pytest.FixtureRequest) -> None:
     """Leave the database at ``url`` as memtree's migration makes it, with no rows."""
     migrated = _MIGRATED_SCHEMA.pop(url, None)
-    if migrated is not None and _drop_tables_of_tests(url) and _schema_of(url) == migrated:
-        _empty_tables(url)
-    elif sqlalchemy.make_url(url).get_backend_name() == "postgresql":
+    if migrated is not None and _emptied_if_as_migrated(url, migrated):
+        _MIGRATED_SCHEMA[url] = migrated
+        return
+    if sqlalchemy.make_url(url).get_backend_name() == "postgresql":
         _reset_pg(url)
         engine = memtree.create_engine(url)
         try:
             Queue(engine).migrate()
         finally:
             engine.dispose()
-        migrated = _schema_of(url)
     else:
         _reset_mysql(url)
         _copy_mysql_template(url, request.getfixturevalue("mysql_template"))
-        migrated = _schema_of(url)
-    _MIGRATED_SCHEMA[url] = migrated
+    _MIGRATED_SCHEMA[url] = _schema_of(url)
 
 
 def _copy_mysql_template(url: str, template: str) -> None:
@@ -326,7 +361,7 @@ def _copy_mysql_template(url: str, template: str) -> None:
     ``url`` (the migrations themselves are tested on MariaDB by tests/test_migrations.py)."""
     target = sqlalchemy.make_url(url).database
     tables_of = text("SELECT table_name FROM information_schema.tables WHERE table_schema = :db")
-    with _MYSQL_ADMIN["admin"].connect() as conn:
+    with _mysql_admin().connect() as conn:
         for table in list(conn.execute(tables_of, {"db": template}).scalars()):
             conn.execute(text(f"CREATE TABLE `{target}`.`{table}` LIKE `{template}`.`{table}`"))
             conn.execute(
