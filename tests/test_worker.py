@@ -8,6 +8,7 @@ where the fallback it proves unnecessary would take half a minute.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import sqlite3
@@ -28,6 +29,7 @@ import memtree
 import memtree.tree
 from memtree import JobFailure, JobStatus, NewJob, Queue
 from memtree.worker import AsyncJobContext, Defer, Gate, Handlers, JobContext, Worker
+from tests.conftest import FakeClock
 from tests.flavors import Step, add, call, flush, handler, sleep, wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,25 +360,47 @@ def test_a_lost_lease_rolls_back_the_handlers_writes(
     assert app.mark_done(second)
 
 
-def test_heartbeat_keeps_a_slow_job_past_its_lease(app: Queue, executor: str) -> None:
+def test_heartbeat_keeps_a_slow_job_past_its_lease(
+    queue: Queue, clock: FakeClock, executor: str
+) -> None:
+    """A handler runs past five leases of the queue's clock, which it moves on to 100 ms
+    before each lease's end: every time, the worker's heartbeat renews the lease a whole
+    lease past the queue's now before it ends, and the job is never recovered."""
     handlers = Handlers()
     recovered: list[int] = []
+    renewed_by: list[int] = []
+
+    def lease_end() -> int:
+        job = queue.get_job(job_id or "")
+        assert job is not None and job.locked_until_ms is not None
+        return job.locked_until_ms
+
+    def renewal_after(end: int) -> int:
+        deadline = time.monotonic() + 30
+        while (renewed := lease_end()) == end:
+            assert time.monotonic() < deadline, "no heartbeat renewed the lease"
+            time.sleep(0.005)
+        return renewed
 
     def long_job(ctx: JobContext) -> Iterator[Step]:
-        deadline = time.monotonic() + 2.5  # five leases long
-        while time.monotonic() < deadline:
-            recovered.append((yield call(app.recover_stale_locks)))
-            yield sleep(0.1)
+        for _ in range(7):  # 7 x 400 ms: five leases and more
+            end = yield call(lease_end)
+            clock.set(end - 100)
+            recovered.append((yield call(queue.recover_stale_locks)))
+            renewed_by.append((yield call(functools.partial(renewal_after, end))) - clock.now_ms)
 
     handlers.register("long")(handler(executor, long_job))
 
-    job_id = app.enqueue(NewJob("long"))
-    worker = Worker(app, handlers, lock_duration_ms=500, heartbeat_interval_ms=150)
+    job_id = queue.enqueue(NewJob("long"))
+    started_ms = clock.now_ms
+    worker = Worker(queue, handlers, lock_duration_ms=500, heartbeat_interval_ms=50)
     assert worker.run_until_idle() == 1
-    job = app.get_job(job_id or "")
+    job = queue.get_job(job_id or "")
     assert job is not None and job.status is JobStatus.DONE
     assert job.attempts == 1, "never recovered while its worker was alive"
-    assert sum(recovered) == 0
+    assert recovered == [0] * 7
+    assert renewed_by == [500] * 7, "each renewal is a whole lease from the queue's now"
+    assert clock.now_ms - started_ms > 5 * 500
 
 
 def test_heartbeat_notices_a_lost_lease_and_the_run_is_not_settled(
@@ -692,8 +716,6 @@ def test_logged_errors_are_scrubbed_while_the_database_keeps_them(
 def test_maintenance_recovers_prunes_and_schedules_flush_stale(
     engine: Engine, clock: Iterator[None]
 ) -> None:
-    from tests.conftest import FakeClock
-
     fake = FakeClock()
     queue = memtree.tree.queue(engine, clock=fake)
     queue.migrate()
