@@ -30,7 +30,7 @@ import memtree
 import memtree.tree
 from memtree import Queue
 from memtree.migration import VERSION_TABLE
-from memtree.models import PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE, TABLE_NAME
+from memtree.models import Base
 from memtree.testing import FakeClock
 from tests.flavors import EXECUTORS
 
@@ -188,7 +188,7 @@ def _reset_pg(url: str) -> None:
 MIGRATED_QUEUE_FIXTURES = frozenset({"queue", "tree_queue", "wall_queue", "tree_wall_queue"})
 
 #: memtree's tables that hold rows (its version table keeps the revision).
-DATA_TABLES = (TABLE_NAME, PERMITS_TABLE, RATE_EVENTS_TABLE, SCHEDULES_TABLE)
+DATA_TABLES = tuple(Base.metadata.tables)
 
 #: The public schema's every object and its definition, one line each.
 PG_SCHEMA = text(
