@@ -858,13 +858,13 @@ def jobs_list(
 @_one_line_errors
 def jobs_show(obj: Context, job_id: str, as_json: bool) -> None:
     """Every column of one job, its payload pretty-printed, and its last error."""
-    with _open_queue(obj) as queue, queue.transaction() as conn:
-        values = store.get_row(conn, job_id)
+    with _open_queue(obj) as queue:
+        with queue.transaction() as conn:
+            values = store.get_row(conn, job_id)
+        found = None if values is None else explanation.explain(queue, job_id, _load_limits(None))
     if values is None:
         raise click.ClickException(f"no job with id {job_id!r}")
     data = overview.row_dict(values)
-    with _open_queue(obj) as queue:
-        found = explanation.explain(queue, job_id, _load_limits(None))
     if found is not None:
         data["explanation"] = found.as_dict()
     if as_json:

@@ -33,7 +33,6 @@ import hmac
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -103,15 +102,6 @@ def create_app(
     return dashboard.app
 
 
-def _iso(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    try:
-        return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
-    except (OverflowError, OSError, ValueError):
-        return str(ms)
-
-
 def _pretty(value: Any) -> str:
     return scrub(json.dumps(value, indent=2, ensure_ascii=False), max_bytes=SHOWN_BYTES)
 
@@ -154,7 +144,7 @@ class _Dashboard:
             loader=PackageLoader("memtree.dashboard", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
-        env.filters["iso"] = _iso
+        env.filters["iso"] = overview.iso
         env.filters["ago"] = overview.ago
         env.filters["urlpart"] = lambda value: quote(str(value), safe="")
         self.env = env
@@ -238,7 +228,7 @@ class _Dashboard:
                     "failed_y": round(100 - done_h - failed_h, 2),
                     "done": bucket["done"],
                     "failed": bucket["failed"],
-                    "at": _iso(bucket["at_ms"]),
+                    "at": overview.iso(bucket["at_ms"]),
                 }
             )
         return {
@@ -287,7 +277,7 @@ class _Dashboard:
                 )
             ],
             "history": [
-                (label, value, _iso(value) if type(value) is int else overview.text(value))
+                (label, value, overview.shown_ms(value))
                 for label, value in times
                 if value is not None
             ],
